@@ -1,0 +1,31 @@
+"""Per-backend train-step pieces, picked by `keras.config.backend()`.
+
+Each backend module provides the same two functions:
+
+- `value_and_grad(fn, create_graph=False)`: returns a function that takes
+  `(params, *args)`, where `params` is a list of tensors and
+  `fn(params, *args)` returns `(value, aux)`, and gives back
+  `((value, aux), grads)`. `create_graph=True` keeps the gradient
+  differentiable (for Hessian-vector products).
+- `apply_gradients(pred, optimizer, grads, variables, values, optimizer_values)`:
+  applies one optimizer step to `variables` when the scalar `pred` is true
+  and returns the new `(values, optimizer_values)`.
+
+Everything else of the bi-level step is written once, on top of these, in
+`keras_bidora.hypergradients` and `keras_bidora.models.bidora_model`.
+"""
+
+import importlib
+
+import keras
+
+
+def get():
+    """Returns the module with the current backend's train-step pieces."""
+    name = keras.config.backend()
+    if name not in ("jax", "tensorflow", "torch"):
+        raise ValueError(
+            "keras-bidora supports the jax, tensorflow and torch backends. "
+            f"Received: KERAS_BACKEND={name}"
+        )
+    return importlib.import_module(f"keras_bidora.backend.{name}")

@@ -1,0 +1,475 @@
+"""The BiDoRADense layer: a weight-decomposed low-rank adapter."""
+
+import math
+import string
+
+import keras
+from keras import ops
+
+_MIXED_VARIABLE_DTYPES = ("float16", "bfloat16")
+
+
+def _equation_axes(equation, kernel_rank):
+    """Splits an EinsumDense equation into its parts.
+
+    Returns `(input_spec, kernel_spec, output_spec, in_letters, out_letters)`
+    where `in_letters` are the kernel axes contracted with the input and
+    `out_letters` the kernel axes kept in the output, both in kernel order.
+    """
+    try:
+        inputs, output_spec = equation.replace(" ", "").split("->")
+        input_spec, kernel_spec = inputs.split(",")
+    except ValueError:
+        raise ValueError(
+            "The wrapped EinsumDense must have an equation of the form "
+            f"'ab,bc->ac'. Received: equation={equation}"
+        )
+    if "." in kernel_spec or len(kernel_spec) != kernel_rank:
+        raise ValueError(
+            "The kernel part of the equation must name each kernel axis "
+            f"with one letter. Received: equation={equation} for a kernel "
+            f"of rank {kernel_rank}"
+        )
+    plain_input = input_spec.replace("...", "")
+    plain_output = output_spec.replace("...", "")
+    in_letters = ""
+    out_letters = ""
+    for letter in kernel_spec:
+        if letter in plain_output:
+            out_letters += letter
+        elif letter in plain_input:
+            in_letters += letter
+        else:
+            raise ValueError(
+                f"Kernel axis '{letter}' appears neither in the input nor in "
+                f"the output. Received: equation={equation}"
+            )
+    if not in_letters:
+        raise ValueError(
+            "The equation has no kernel axis contracted with the input, so "
+            "there is no column norm to take. Received: "
+            f"equation={equation}"
+        )
+    if not out_letters:
+        raise ValueError(
+            "The equation has no kernel axis in its output, so there is no "
+            f"output unit to scale. Received: equation={equation}"
+        )
+    return input_spec, kernel_spec, output_spec, in_letters, out_letters
+
+
+@keras.saving.register_keras_serializable(package="keras_bidora")
+class BiDoRADense(keras.layers.Layer):
+    """Weight-decomposed low-rank adapter around a `Dense` or `EinsumDense`.
+
+    The wrapped layer's kernel `W0` is read as a matrix with one row per
+    input unit (the kernel axes contracted with the input, in kernel order)
+    and one column per output unit (the remaining kernel axes, in kernel
+    order). The adapted kernel is
+
+    ```
+    W' = m * (W0 + s * A @ B) / ||W0 + s * A @ B||_c,    s = alpha / rank
+    ```
+
+    where `||.||_c` is the norm of each column (over the input side),
+    `A` (`lora_a`, in x rank) and `B` (`lora_b`, rank x out) form the
+    low-rank direction update and `m` (`magnitude`, one entry per output
+    unit) the magnitude. `m` starts at `W0`'s column norms and `B` at
+    zero, so that at initialisation the layer computes exactly what the
+    wrapped layer computes. `W0` and the wrapped layer's bias stay frozen.
+
+    The output is computed without forming `W'`:
+    `y = (m / ||W0 + sAB||_c) * (x W0 + s * dropout(x) A B) + bias`, so the
+    backward pass never needs a gradient the size of the kernel.
+
+    With `magnitude=False` the layer is plain LoRA on the same matrix view,
+    `W' = W0 + s * A @ B`, which gives LoRA, DoRA and BiDoRA identical
+    direction parameters for comparisons.
+
+    Adapter variables are kept in float32 under a mixed-precision policy
+    (like Keras's own LoRA) and the output comes back in the layer's compute
+    dtype.
+
+    Args:
+        layer: a built `keras.layers.Dense` or `keras.layers.EinsumDense`.
+        rank: int >= 1, the rank of the direction update.
+        alpha: positive float, the scale numerator; `s = alpha / rank`.
+            Defaults to `rank` (so `s = 1`).
+        dropout: float in [0, 1), dropout on the adapter's input.
+        detach_norm: bool. If `True`, the column norm is treated as a
+            constant in the backward pass (DoRA paper, section 4.3), which
+            saves a little memory and compute; the forward pass is
+            unchanged. Defaults to `False`: the exact gradient, since in
+            this formulation the norm costs only O(in * out * rank).
+        magnitude: bool. `False` gives plain LoRA (no magnitude, no norm).
+        lora_a_initializer: initializer for `A`. Defaults to
+            `"he_uniform"`, as `keras.layers.Dense.enable_lora`.
+        **kwargs: base layer arguments (`name`, `dtype`, ...). The name and
+            dtype policy default to the wrapped layer's.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> from keras_bidora import BiDoRADense
+    >>> query = keras.layers.EinsumDense("abc,cde->abde", (None, 2, 4))
+    >>> query.build((None, 5, 8))
+    >>> adapted = BiDoRADense(query, rank=2, alpha=4)
+    >>> x = np.random.rand(3, 5, 8).astype("float32")
+    >>> bool(np.allclose(adapted(x), query(x), atol=1e-6))
+    True
+    >>> tuple(adapted.lora_a.shape), tuple(adapted.magnitude.shape)
+    ((8, 2), (2, 4))
+
+    Reference:
+        - [Liu et al., 2024. DoRA: Weight-Decomposed Low-Rank Adaptation](
+          https://arxiv.org/abs/2402.09353)
+        - [Qin et al., 2024. BiDoRA: Bi-level Optimization-Based
+          Weight-Decomposed Low-Rank Adaptation](
+          https://arxiv.org/abs/2410.09758)
+    """
+
+    def __init__(
+        self,
+        layer,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        detach_norm=False,
+        magnitude=True,
+        lora_a_initializer="he_uniform",
+        **kwargs,
+    ):
+        if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+            raise ValueError(
+                "BiDoRADense wraps a keras.layers.Dense or "
+                "keras.layers.EinsumDense. Received: "
+                f"layer={layer!r} of type {type(layer).__name__}"
+            )
+        if not layer.built:
+            raise ValueError(
+                "The wrapped layer must be built (call it once or call "
+                f"`build(input_shape)`). Received: layer={layer.name!r}, "
+                "which is not built"
+            )
+        if getattr(layer, "lora_enabled", False):
+            raise ValueError(
+                "The wrapped layer already has Keras's own LoRA enabled. "
+                f"Received: layer={layer.name!r}"
+            )
+        if getattr(layer, "quantization_mode", None):
+            raise ValueError(
+                "BiDoRADense does not wrap quantized layers. Received: "
+                f"layer={layer.name!r} with "
+                f"quantization_mode={layer.quantization_mode!r}"
+            )
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(
+                f"rank must be a positive integer. Received: rank={rank}"
+            )
+        if alpha is None:
+            alpha = rank
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not math.isfinite(alpha)
+            or alpha <= 0
+        ):
+            raise ValueError(
+                f"alpha must be a positive number. Received: alpha={alpha}"
+            )
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, (int, float))
+            or not 0 <= dropout < 1
+        ):
+            raise ValueError(
+                f"dropout must be a number in [0, 1). Received: "
+                f"dropout={dropout}"
+            )
+        kwargs.setdefault("name", layer.name)
+        kwargs.setdefault("dtype", layer.dtype_policy)
+        # Variables are read in their own dtype and cast explicitly in
+        # `call`: the column norm is taken in float32 even under a mixed
+        # policy, where autocasting would first round W0 to the compute dtype.
+        kwargs["autocast"] = False
+        super().__init__(**kwargs)
+        self.layer = layer
+        self.rank = rank
+        self.alpha = alpha
+        self.dropout = dropout
+        self.detach_norm = bool(detach_norm)
+        self.use_magnitude = bool(magnitude)
+        self.lora_a_initializer = keras.initializers.get(lora_a_initializer)
+        self.scale = alpha / rank
+        self._analyze_kernel()
+        self.dropout_layer = keras.layers.Dropout(
+            dropout, dtype=self.dtype_policy, name="dropout"
+        )
+        self.magnitude = None
+        self.lora_a = None
+        self.lora_b = None
+
+    def _analyze_kernel(self):
+        kernel_shape = tuple(self.layer.kernel.shape)
+        if isinstance(self.layer, keras.layers.EinsumDense):
+            (
+                input_spec,
+                kernel_spec,
+                output_spec,
+                in_letters,
+                out_letters,
+            ) = _equation_axes(self.layer.equation, len(kernel_shape))
+        else:
+            input_spec, kernel_spec, output_spec = "...a", "ab", "...b"
+            in_letters, out_letters = "a", "b"
+        in_axes = [kernel_spec.index(c) for c in in_letters]
+        out_axes = [kernel_spec.index(c) for c in out_letters]
+        self._kernel_shape = kernel_shape
+        self._in_shape = tuple(kernel_shape[i] for i in in_axes)
+        self._out_shape = tuple(kernel_shape[i] for i in out_axes)
+        self._in_units = math.prod(self._in_shape)
+        self._out_units = math.prod(self._out_shape)
+        # Kernel order -> (in axes, out axes) and back.
+        self._matrix_perm = in_axes + out_axes
+        self._kernel_perm = [
+            self._matrix_perm.index(i) for i in range(len(kernel_shape))
+        ]
+        used = set(self.layer.equation) if hasattr(self.layer, "equation") else set()
+        rank_letter = next(c for c in string.ascii_letters if c not in used)
+        plain_output = output_spec.replace("...", "")
+        kept = "".join(c for c in input_spec if c in plain_output)
+        prefix = "..." if "..." in input_spec else ""
+        low_rank_spec = prefix + kept + rank_letter
+        self._down_equation = (
+            f"{input_spec},{in_letters}{rank_letter}->{low_rank_spec}"
+        )
+        self._up_equation = (
+            f"{low_rank_spec},{rank_letter}{out_letters}->{output_spec}"
+        )
+        # The per-unit scale broadcasts against the output's trailing axes.
+        tail = output_spec.split("...")[-1]
+        if not set(out_letters) <= set(tail):
+            raise ValueError(
+                "The kernel's output axes must come after any '...' in the "
+                f"output. Received: equation={self.layer.equation}"
+            )
+        order = [c for c in tail if c in out_letters]
+        self._scale_perm = [out_letters.index(c) for c in order]
+        self._scale_shape = tuple(
+            self._out_shape[out_letters.index(c)] if c in out_letters else 1
+            for c in tail
+        )
+        self._is_dense = not isinstance(self.layer, keras.layers.EinsumDense)
+
+    @property
+    def adapter_dtype(self):
+        """Dtype of the adapter variables: float32 under mixed precision."""
+        dtype = self.dtype_policy.variable_dtype
+        return "float32" if dtype in _MIXED_VARIABLE_DTYPES else dtype
+
+    def build(self, input_shape=None):
+        self.layer.trainable = False
+        dtype = self.adapter_dtype
+        if self.use_magnitude:
+            self.magnitude = self.add_weight(
+                name="magnitude",
+                shape=self._out_shape,
+                initializer=lambda shape, dtype: ops.reshape(
+                    self._column_norm(self._base_matrix(dtype)), shape
+                ),
+                dtype=dtype,
+            )
+        self.lora_a = self.add_weight(
+            name="lora_a",
+            shape=(self._in_units, self.rank),
+            initializer=self.lora_a_initializer,
+            dtype=dtype,
+        )
+        self.lora_b = self.add_weight(
+            name="lora_b",
+            shape=(self.rank, self._out_units),
+            initializer="zeros",
+            dtype=dtype,
+        )
+
+    def _base_matrix(self, dtype):
+        kernel = ops.cast(self.layer.kernel, dtype)
+        kernel = ops.transpose(kernel, self._matrix_perm)
+        return ops.reshape(kernel, (self._in_units, self._out_units))
+
+    def _column_norm(self, matrix):
+        return ops.sqrt(ops.sum(ops.square(matrix), axis=0))
+
+    def direction_matrix(self):
+        """Returns `W0 + s * A @ B` as an (in, out) matrix, in float32."""
+        dtype = self.adapter_dtype
+        update = ops.matmul(self.lora_a, self.lora_b) * self.scale
+        return self._base_matrix(dtype) + update
+
+    def column_scale(self):
+        """Returns `m / ||W0 + s * A @ B||_c`, one entry per output unit."""
+        norm = self._column_norm(self.direction_matrix())
+        if self.detach_norm:
+            norm = ops.stop_gradient(norm)
+        flat_magnitude = ops.reshape(self.magnitude, (self._out_units,))
+        return flat_magnitude / ops.maximum(norm, keras.config.epsilon())
+
+    def merged_kernel(self):
+        """Returns the adapted kernel `W'` in the wrapped kernel's shape.
+
+        Returns:
+            A tensor of the wrapped kernel's shape and dtype.
+        """
+        matrix = self.direction_matrix()
+        if self.use_magnitude:
+            matrix = matrix * self.column_scale()
+        kernel = ops.reshape(matrix, self._in_shape + self._out_shape)
+        kernel = ops.transpose(kernel, self._kernel_perm)
+        return ops.cast(kernel, self.layer.kernel.dtype)
+
+    def merged_layer(self):
+        """Returns a plain `Dense`/`EinsumDense` holding the adapted kernel.
+
+        The new layer has the wrapped layer's config (name included) and
+        bias, and its kernel is `merged_kernel()`; it holds no keras_bidora
+        objects and computes what this layer computes.
+
+        Returns:
+            A built `keras.layers.Dense` or `keras.layers.EinsumDense`.
+        """
+        merged = self.layer.__class__.from_config(self.layer.get_config())
+        merged.build_from_config(self.layer.get_build_config())
+        merged.kernel.assign(self.merged_kernel())
+        if self.layer.bias is not None:
+            merged.bias.assign(self.layer.bias)
+        return merged
+
+    def _contract(self, inputs, kernel):
+        if self._is_dense:
+            return ops.matmul(inputs, kernel)
+        return ops.einsum(self.layer.equation, inputs, kernel)
+
+    def call(self, inputs, training=None):
+        compute_dtype = self.compute_dtype
+        inputs = ops.cast(inputs, compute_dtype)
+        outputs = self._contract(
+            inputs, ops.cast(self.layer.kernel, compute_dtype)
+        )
+        adapter_inputs = self.dropout_layer(inputs, training=training)
+        lora_a = ops.reshape(self.lora_a, self._in_shape + (self.rank,))
+        lora_b = ops.reshape(self.lora_b, (self.rank,) + self._out_shape)
+        # Adapters stay float32 and are cast to the compute dtype only here.
+        lora_a = ops.cast(lora_a, compute_dtype)
+        lora_b = ops.cast(lora_b * self.scale, compute_dtype)
+        if self._is_dense:
+            update = ops.matmul(ops.matmul(adapter_inputs, lora_a), lora_b)
+        else:
+            update = ops.einsum(
+                self._up_equation,
+                ops.einsum(self._down_equation, adapter_inputs, lora_a),
+                lora_b,
+            )
+        outputs = outputs + update
+        if self.use_magnitude:
+            scale = ops.reshape(self.column_scale(), self._out_shape)
+            scale = ops.transpose(scale, self._scale_perm)
+            scale = ops.reshape(scale, self._scale_shape)
+            outputs = outputs * ops.cast(scale, compute_dtype)
+        if self.layer.bias is not None:
+            outputs = outputs + ops.cast(self.layer.bias, compute_dtype)
+        if self.layer.activation is not None:
+            outputs = self.layer.activation(outputs)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("autocast", None)
+        return {
+            **config,
+            "layer": keras.saving.serialize_keras_object(self.layer),
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "detach_norm": self.detach_norm,
+            "magnitude": self.use_magnitude,
+            "lora_a_initializer": keras.initializers.serialize(
+                self.lora_a_initializer
+            ),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["layer"] = keras.saving.deserialize_keras_object(
+            config["layer"]
+        )
+        return cls(**config)
+
+
+def adapted_layers(model_or_layers):
+    """Lists the `BiDoRADense` layers of a model, layer or list of layers."""
+    if isinstance(model_or_layers, BiDoRADense):
+        return [model_or_layers]
+    if isinstance(model_or_layers, keras.layers.Layer):
+        found = []
+        for layer in model_or_layers._flatten_layers(include_self=True):
+            if isinstance(layer, BiDoRADense) and layer not in found:
+                found.append(layer)
+        return found
+    found = []
+    for item in model_or_layers:
+        for layer in adapted_layers(item):
+            if layer not in found:
+                found.append(layer)
+    return found
+
+
+def direction_regularization(model_or_layers):
+    """The BiDoRA orthogonality penalty on the normalised directions.
+
+    For each adapted layer, `V = (W0 + s*A@B) / ||W0 + s*A@B||_c` is the
+    (in, out) direction matrix with unit columns; the penalty is the mean
+    over adapted layers of `||V^T V - I||_F`. The official BiDoRA code adds
+    it to the lower-level loss with a coefficient of 1e-5 (or 0).
+
+    Args:
+        model_or_layers: a model, a layer, or a list of them; every
+            `BiDoRADense` inside is included.
+
+    Returns:
+        A float32 scalar tensor.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_bidora import BiDoRADense, direction_regularization
+    >>> dense = keras.layers.Dense(4)
+    >>> dense.build((None, 8))
+    >>> penalty = direction_regularization(BiDoRADense(dense, rank=2))
+    >>> float(penalty) >= 0
+    True
+    """
+    layers = adapted_layers(model_or_layers)
+    if not layers:
+        raise ValueError(
+            "direction_regularization needs at least one BiDoRADense layer. "
+            f"Received: model_or_layers={model_or_layers!r}"
+        )
+    penalties = []
+    for layer in layers:
+        if layer.lora_a is None:
+            layer.build()
+        direction = layer.direction_matrix()
+        direction = direction / ops.maximum(
+            layer._column_norm(direction), keras.config.epsilon()
+        )
+        gram = ops.matmul(ops.transpose(direction), direction)
+        identity = ops.eye(layer._out_units, dtype=gram.dtype)
+        penalties.append(
+            ops.cast(ops.sqrt(ops.sum(ops.square(gram - identity))), "float32")
+        )
+    return ops.mean(ops.stack(penalties))

@@ -1,0 +1,754 @@
+"""BiDoRAModel: a saveable wrapper whose train step alternates two levels."""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_bidora import backend as backend_lib
+from keras_bidora import hypergradients
+from keras_bidora.layers.bidora_dense import adapted_layers
+from keras_bidora.layers.bidora_dense import direction_regularization
+from keras_bidora.models.bilevel_dataset import BiLevelDataset
+from keras_bidora.models.bilevel_dataset import split_sources
+
+METHODS = ("bidora", "dora")
+
+
+class _Problem:
+    """The two stateless losses the hypergradient estimators differentiate."""
+
+    def __init__(self, lower_loss, upper_loss):
+        self.lower_loss = lower_loss
+        self.upper_loss = upper_loss
+
+
+class _NonFiniteLossGuard(keras.callbacks.Callback):
+    """Stops `fit` with a clear error when a level's loss is not finite.
+
+    The train step itself skips the update of a step whose loss is not
+    finite, so the weights stay those of the last good step.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        for key, level in (("loss", "lower"), ("upper_loss", "upper")):
+            if logs is None or key not in logs:
+                continue
+            value = float(ops.convert_to_numpy(logs[key]))
+            if not math.isfinite(value):
+                if hasattr(self.model, "jax_state_sync"):
+                    self.model.jax_state_sync()
+                raise FloatingPointError(
+                    f"The {level}-level loss became {value} at epoch "
+                    f"{getattr(self, 'epoch', 0) + 1}, step {batch + 1}. "
+                    "Training stopped; the weights (and optimizer states) "
+                    "are those of the last step with a finite loss. Lower "
+                    "the learning rate(s) or check the data."
+                )
+
+
+class _EpochSetter(keras.callbacks.Callback):
+    def __init__(self, dataset):
+        super().__init__()
+        self.dataset = dataset
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.dataset.set_epoch(epoch)
+
+
+@keras.saving.register_keras_serializable(package="keras_bidora")
+class BiDoRAModel(keras.Model):
+    """Wraps a model, injects BiDoRA adapters, and trains them bi-level.
+
+    `BiDoRAModel(model)` adapts `model` (a KerasHub backbone or task, or any
+    built Keras model) with `keras_bidora.inject` unless it is already
+    adapted, and calls it in its forward pass. Its config records the wrapped
+    model's config and the injection settings, so `.keras` files reload into
+    the same adapted structure, with both optimizers' states.
+
+    Training (`fit`) alternates two levels, each with its own optimizer:
+
+    - lower level, every step: the direction (each adapter's `lora_a`,
+      `lora_b`) and every other trainable variable (e.g. a task head) take a
+      step of `optimizer` on a lower batch, on the task loss plus
+      `direction_regularization` times the orthogonality penalty; the
+      magnitudes are fixed.
+    - upper level, every `upper_every` steps: the magnitudes take a step of
+      `upper_optimizer` on an upper batch, along the hypergradient chosen by
+      `hypergradient` (`"first_order"`, `"darts"` or `"neumann"`, see
+      `keras_bidora.hypergradients`), computed at the same direction as the
+      lower gradient, which it reuses.
+
+    `fit` splits its training data, seeded, into a lower split
+    (`1 - upper_fraction`) and an upper split, unless `upper_data` is given.
+    `retrain` then trains the direction and the head on all the data with
+    the magnitudes frozen. `method="dora"` trains magnitude and direction
+    jointly on all the data instead (plain DoRA, for comparisons).
+
+    A step whose loss is not finite is not applied, and `fit` stops with an
+    error naming the level and step.
+
+    Args:
+        model: a built Keras model (KerasHub backbone or task).
+        rank: rank of the direction updates.
+        alpha: scale numerator (`s = alpha / rank`); defaults to `rank`.
+        targets: which layers to adapt; see `keras_bidora.inject`.
+        dropout: dropout on the adapters' input.
+        upper_fraction: fraction of the training data held out for the
+            upper level, in (0, 1).
+        hypergradient: `"first_order"`, `"darts"` or `"neumann"`.
+        upper_every: an upper step every this many lower steps.
+        upper_batch_size: batch size of the upper level; defaults to fit's.
+        direction_regularization: coefficient of the orthogonality penalty
+            in the lower loss (the paper: 1e-5 or 0).
+        neumann_terms: number of Neumann terms for `hypergradient="neumann"`.
+        method: `"bidora"` (bi-level) or `"dora"` (joint).
+        seed: seed of the lower/upper split and of the per-epoch shuffles.
+        **layer_kwargs: passed to each `BiDoRADense` (`detach_norm`, ...).
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> import keras_bidora
+    >>> inputs = keras.Input((8,))
+    >>> hidden = keras.layers.Dense(8, name="query")(inputs)
+    >>> base = keras.Model(inputs, keras.layers.Dense(1, name="head")(hidden))
+    >>> model = keras_bidora.BiDoRAModel(base, rank=2, targets=["query"])
+    >>> model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="mse")
+    >>> x, y = np.random.rand(40, 8), np.random.rand(40, 1)
+    >>> history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    >>> sorted(history.history)
+    ['loss', 'upper_loss']
+
+    Reference:
+        - [Qin et al., 2024. BiDoRA: Bi-level Optimization-Based
+          Weight-Decomposed Low-Rank Adaptation](
+          https://arxiv.org/abs/2410.09758)
+    """
+
+    def __init__(
+        self,
+        model,
+        rank=8,
+        alpha=None,
+        targets=None,
+        dropout=0.0,
+        upper_fraction=0.2,
+        hypergradient="darts",
+        upper_every=1,
+        upper_batch_size=None,
+        direction_regularization=1e-5,
+        neumann_terms=3,
+        method="bidora",
+        seed=None,
+        **kwargs,
+    ):
+        base_kwargs = {
+            key: kwargs.pop(key)
+            for key in ("name", "trainable", "dtype")
+            if key in kwargs
+        }
+        if not isinstance(model, keras.Model):
+            raise ValueError(
+                "BiDoRAModel wraps a keras.Model (a KerasHub backbone or "
+                f"task). Received: model={model!r}"
+            )
+        if not (
+            isinstance(upper_fraction, (int, float))
+            and 0 < upper_fraction < 1
+        ):
+            raise ValueError(
+                "upper_fraction must be a number in (0, 1). Received: "
+                f"upper_fraction={upper_fraction}"
+            )
+        hypergradients.get(hypergradient)
+        if (
+            isinstance(upper_every, bool)
+            or not isinstance(upper_every, int)
+            or upper_every < 1
+        ):
+            raise ValueError(
+                "upper_every must be a positive integer. Received: "
+                f"upper_every={upper_every}"
+            )
+        if upper_batch_size is not None and (
+            not isinstance(upper_batch_size, int) or upper_batch_size < 1
+        ):
+            raise ValueError(
+                "upper_batch_size must be a positive integer or None. "
+                f"Received: upper_batch_size={upper_batch_size}"
+            )
+        if not (
+            isinstance(direction_regularization, (int, float))
+            and direction_regularization >= 0
+        ):
+            raise ValueError(
+                "direction_regularization must be a number >= 0. Received: "
+                f"direction_regularization={direction_regularization}"
+            )
+        if not isinstance(neumann_terms, int) or neumann_terms < 0:
+            raise ValueError(
+                "neumann_terms must be an integer >= 0. Received: "
+                f"neumann_terms={neumann_terms}"
+            )
+        if method not in METHODS:
+            raise ValueError(
+                f"method must be one of {METHODS}. Received: method={method!r}"
+            )
+        if not adapted_layers(model):
+            from keras_bidora.injection import inject
+
+            inject(
+                model,
+                rank=rank,
+                alpha=alpha,
+                targets=targets,
+                dropout=dropout,
+                **kwargs,
+            )
+        super().__init__(**base_kwargs)
+        self.model = model
+        self.rank = rank
+        self.alpha = alpha
+        self.targets = targets
+        self.dropout = dropout
+        self.layer_kwargs = kwargs
+        self.upper_fraction = upper_fraction
+        self.hypergradient = hypergradient
+        self.upper_every = upper_every
+        self.upper_batch_size = upper_batch_size
+        self.direction_regularization = direction_regularization
+        self.neumann_terms = neumann_terms
+        self.method = method
+        self.seed = 0 if seed is None else int(seed)
+        self.upper_loss_tracker = keras.metrics.Mean(name="upper_loss")
+        self._phase = "bilevel" if method == "bidora" else "joint"
+        self.built = True
+
+    # Forward pass and layers -------------------------------------------
+
+    def call(self, inputs, training=None):
+        return self.model(inputs, training=training)
+
+    @property
+    def adapted_layers(self):
+        """The `BiDoRADense` layers inside the wrapped model."""
+        return adapted_layers(self.model)
+
+    @property
+    def magnitudes(self):
+        """The magnitude variables (the upper level's variables)."""
+        return [
+            layer.magnitude
+            for layer in self.adapted_layers
+            if layer.magnitude is not None
+        ]
+
+    def _level_indices(self):
+        upper_ids = {id(v) for v in self.magnitudes}
+        lower, upper = [], []
+        for i, variable in enumerate(self.trainable_variables):
+            (upper if id(variable) in upper_ids else lower).append(i)
+        if not lower:
+            raise ValueError(
+                "The model has no trainable variable for the lower level "
+                "(the adapters' directions and the task head)."
+            )
+        return lower, upper
+
+    # Compile -------------------------------------------------------------
+
+    def compile(self, optimizer="adamw", upper_optimizer=None, **kwargs):
+        """Configures the model for training with two optimizers.
+
+        Args:
+            optimizer: the lower level's optimizer (direction and head),
+                an instance or a name.
+            upper_optimizer: the upper level's optimizer (magnitudes);
+                defaults to a copy of `optimizer`'s config.
+            **kwargs: passed to `keras.Model.compile` (`loss`, `metrics`,
+                `jit_compile`, ...).
+        """
+        if self.method == "bidora" and not self.magnitudes:
+            raise ValueError(
+                "BiDoRA trains magnitudes at its upper level, but no adapted "
+                "layer has one (they were built with magnitude=False). Use "
+                "magnitude=True, or train plain LoRA with keras.Model.fit."
+            )
+        if (
+            isinstance(optimizer, keras.optimizers.MultiOptimizer)
+            and upper_optimizer is None
+        ):
+            multi = optimizer  # Reloaded from a saved compile config.
+        else:
+            lower = keras.optimizers.get(optimizer)
+            if upper_optimizer is None:
+                upper = lower.__class__.from_config(lower.get_config())
+            else:
+                upper = keras.optimizers.get(upper_optimizer)
+            if upper is lower:
+                raise ValueError(
+                    "optimizer and upper_optimizer must be two different "
+                    "optimizer instances: each level keeps its own state."
+                )
+            upper_map = {v.path: upper for v in self.magnitudes}
+            multi = keras.optimizers.MultiOptimizer(
+                keras.optimizers.OptimizerMap(lower, upper_map),
+                name="bidora_optimizer",
+            )
+        super().compile(optimizer=multi, **kwargs)
+
+    @property
+    def lower_optimizer(self):
+        """The lower level's optimizer (direction and head)."""
+        return self.optimizer._optimizer_map.default_optimizer
+
+    @property
+    def upper_optimizer(self):
+        """The upper level's optimizer (magnitudes)."""
+        lower = self.lower_optimizer
+        for optimizer in self.optimizer.optimizers:
+            if optimizer is not lower:
+                return optimizer
+        return None
+
+    # Fit and retrain -----------------------------------------------------
+
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        validation_split=0.0,
+        validation_data=None,
+        shuffle=True,
+        class_weight=None,
+        sample_weight=None,
+        initial_epoch=0,
+        steps_per_epoch=None,
+        upper_data=None,
+        upper_batch_size=None,
+        **kwargs,
+    ):
+        """Trains the model; for `method="bidora"`, the bi-level phase.
+
+        Takes `keras.Model.fit`'s arguments, plus:
+
+        Args:
+            upper_data: the upper split, as `(x, y)`, `(x, y,
+                sample_weight)`, a `tf.data.Dataset` or a `PyDataset`. When
+                given, all of `x, y` is lower data; otherwise `fit` holds out
+                `upper_fraction` of `x, y` (seeded by `seed`). A dataset `x`
+                is read once into memory and split by batches.
+            upper_batch_size: the upper level's batch size; defaults to the
+                model's `upper_batch_size`, then to `batch_size`.
+
+        `validation_data` is for evaluation only; it never feeds the upper
+        level. An epoch is one pass over the lower split.
+
+        Returns:
+            A `keras.callbacks.History`.
+        """
+        callbacks = list(callbacks or [])
+        if self._phase != "bilevel":
+            return super().fit(
+                x,
+                y,
+                batch_size=batch_size,
+                epochs=epochs,
+                verbose=verbose,
+                callbacks=callbacks + [_NonFiniteLossGuard()],
+                validation_split=validation_split,
+                validation_data=validation_data,
+                shuffle=shuffle,
+                class_weight=class_weight,
+                sample_weight=sample_weight,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps_per_epoch,
+                **kwargs,
+            )
+        if class_weight is not None:
+            raise ValueError(
+                "class_weight is not supported by the bi-level phase; pass "
+                "sample_weight instead. Received: class_weight="
+                f"{class_weight}"
+            )
+        if steps_per_epoch is not None:
+            raise ValueError(
+                "The bi-level phase runs one pass over the lower split per "
+                "epoch; steps_per_epoch is not supported. Received: "
+                f"steps_per_epoch={steps_per_epoch}"
+            )
+        if validation_split:
+            if validation_data is not None or upper_data is not None:
+                raise ValueError(
+                    "validation_split cannot be combined with "
+                    "validation_data or upper_data."
+                )
+            (x, y, sample_weight), validation_data = _split_tail(
+                (x, y, sample_weight), validation_split
+            )
+        batch_size = batch_size or 32
+        lower, upper = split_sources(
+            x,
+            y,
+            sample_weight,
+            upper_data,
+            self.upper_fraction,
+            batch_size,
+            upper_batch_size or self.upper_batch_size,
+            shuffle,
+            self.seed,
+        )
+        dataset = BiLevelDataset(lower, upper, self.upper_every)
+        dataset.set_epoch(initial_epoch)
+        self._build_for_training(dataset[0][0])
+        return super().fit(
+            dataset,
+            epochs=epochs,
+            verbose=verbose,
+            callbacks=[_EpochSetter(dataset), _NonFiniteLossGuard()]
+            + callbacks,
+            validation_data=validation_data,
+            shuffle=False,
+            initial_epoch=initial_epoch,
+            **kwargs,
+        )
+
+    def retrain(self, x=None, y=None, epochs=1, reinitialize_direction=True,
+                **fit_kwargs):
+        """The second phase: direction and head on all data, `m` frozen.
+
+        Args:
+            x, y: all the training data (lower and upper splits together).
+            epochs: number of epochs.
+            reinitialize_direction: re-initialise each adapter's `lora_a`
+                (and set `lora_b` to zero) first, as the official code does;
+                the lower optimizer's state is reset with it.
+            **fit_kwargs: passed to `keras.Model.fit`.
+
+        Returns:
+            A `keras.callbacks.History`.
+        """
+        if self.optimizer is None:
+            raise ValueError("Call compile() before retrain().")
+        if reinitialize_direction:
+            for layer in self.adapted_layers:
+                layer.lora_a.assign(
+                    layer.lora_a_initializer(
+                        layer.lora_a.shape, layer.lora_a.dtype
+                    )
+                )
+                layer.lora_b.assign(
+                    ops.zeros(layer.lora_b.shape, layer.lora_b.dtype)
+                )
+            lower = self.lower_optimizer
+            if lower.built:
+                keep = {id(lower.iterations)}
+                if isinstance(lower._learning_rate, keras.Variable):
+                    keep.add(id(lower._learning_rate))
+                for variable in lower.variables:
+                    if id(variable) not in keep:
+                        variable.assign(ops.zeros(variable.shape, variable.dtype))
+        previous = self._phase
+        self._set_phase("retrain")
+        try:
+            return self.fit(x, y, epochs=epochs, **fit_kwargs)
+        finally:
+            self._set_phase(previous)
+
+    def _set_phase(self, phase):
+        if phase != self._phase:
+            self._phase = phase
+            self.train_function = None
+
+    def _build_for_training(self, lower_batch):
+        # Keras builds metrics, loss and optimizer from the first batch of
+        # fit's data, which here is a (lower, upper, due) triple; build them
+        # from a lower batch instead. `_symbolic_build` is private Keras API.
+        self._symbolic_build(data_batch=lower_batch)
+
+    # Train step ----------------------------------------------------------
+
+    def train_step(self, *args):
+        if keras.config.backend() == "jax":
+            state, data = args
+            return self._stateless_train_step(state, data)
+        (data,) = args
+        state = (
+            [ops.convert_to_tensor(v.value) for v in self.trainable_variables],
+            None,
+            [ops.convert_to_tensor(v.value) for v in self.optimizer.variables],
+            [ops.convert_to_tensor(v.value) for v in self.metrics_variables],
+        )
+        logs, (_, non_trainable, _, metrics) = self._stateless_train_step(
+            state, data
+        )
+        for variable, value in non_trainable:
+            variable.assign(value)
+        for variable, value in zip(self.metrics_variables, metrics):
+            variable.assign(value)
+        return logs
+
+    def _stateless_loss(self, trainable, non_trainable, batch, regularize):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+        mapping = list(zip(self.trainable_variables, trainable))
+        if non_trainable is not None:
+            mapping += list(zip(self.non_trainable_variables, non_trainable))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight
+            )
+            if regularize and self.direction_regularization:
+                loss = loss + self.direction_regularization * (
+                    direction_regularization(self.adapted_layers)
+                )
+        updates = []
+        for variable in self.non_trainable_variables:
+            value = scope.get_current_value(variable)
+            if value is not None:
+                updates.append((variable, value))
+        return loss, (y_pred, updates)
+
+    def _stateless_train_step(self, state, data):
+        trainable, non_trainable, optimizer_values, metrics_values = state
+        backend = backend_lib.get()
+        lower_idx, upper_idx = self._level_indices()
+        bilevel = self._phase == "bilevel"
+        if bilevel:
+            lower_batch, upper_batch, due = data
+            due = ops.reshape(due, ())
+        else:
+            lower_batch, upper_batch, due = data, None, False
+        joint = self._phase == "joint"
+
+        def assemble(w, m):
+            values = list(trainable)
+            for i, value in zip(lower_idx, w):
+                values[i] = value
+            for i, value in zip(upper_idx, m):
+                values[i] = value
+            return values
+
+        def lower_loss(w, m, batch, regularize=False):
+            loss, aux = self._stateless_loss(
+                assemble(w, m), non_trainable, batch, regularize
+            )
+            return loss, aux
+
+        def upper_loss(w, m, batch):
+            return self._stateless_loss(
+                assemble(w, m), non_trainable, batch, False
+            )
+
+        w = [trainable[i] for i in lower_idx]
+        m = [trainable[i] for i in upper_idx]
+        lower_opt, upper_opt = self.lower_optimizer, self.upper_optimizer
+        slices = self._optimizer_slices()
+        opt_mapping = list(zip(self.optimizer.variables, optimizer_values))
+        with keras.StatelessScope(state_mapping=opt_mapping):
+            learning_rate = ops.cast(
+                ops.convert_to_tensor(lower_opt.learning_rate), w[0].dtype
+            )
+
+        if joint:
+
+            def joint_loss(params):
+                return lower_loss(
+                    params[: len(w)], params[len(w) :], lower_batch, True
+                )
+
+            (loss, (y_pred, nt_updates)), grads = backend.value_and_grad(
+                joint_loss
+            )(w + m)
+            lower_grads, upper_grads = grads[: len(w)], grads[len(w) :]
+            upper_value = ops.zeros((), dtype=loss.dtype)
+            due = True
+        else:
+            (loss, (y_pred, nt_updates)), lower_grads = backend.value_and_grad(
+                lambda params: lower_loss(params, m, lower_batch, True)
+            )(w)
+            if bilevel:
+                estimator = hypergradients.get(self.hypergradient)
+                problem = _Problem(lower_loss, upper_loss)
+
+                def upper_step():
+                    value, hypergradient = estimator(
+                        backend,
+                        problem,
+                        w,
+                        m,
+                        lower_grads,
+                        lower_batch,
+                        upper_batch,
+                        learning_rate,
+                        terms=self.neumann_terms,
+                    )
+                    return ops.cast(value, loss.dtype), list(hypergradient)
+
+                def no_upper_step():
+                    return ops.zeros((), dtype=loss.dtype), [
+                        ops.zeros_like(value) for value in m
+                    ]
+
+                upper_value, upper_grads = ops.cond(
+                    due, upper_step, no_upper_step
+                )
+            else:
+                upper_value = ops.zeros((), dtype=loss.dtype)
+                upper_grads = None
+        finite = ops.logical_and(
+            ops.isfinite(loss),
+            ops.logical_or(ops.logical_not(due), ops.isfinite(upper_value)),
+        )
+
+        trainable_variables = self.trainable_variables
+        new_optimizer_values = list(optimizer_values)
+        new_w, new_lower_opt = backend.apply_gradients(
+            finite,
+            lower_opt,
+            list(lower_grads),
+            [trainable_variables[i] for i in lower_idx],
+            w,
+            [optimizer_values[i] for i in slices["lower"]],
+        )
+        for i, value in zip(slices["lower"], new_lower_opt):
+            new_optimizer_values[i] = value
+        new_m = m
+        if upper_grads is not None:
+            new_m, new_upper_opt = backend.apply_gradients(
+                ops.logical_and(finite, due),
+                upper_opt,
+                list(upper_grads),
+                [trainable_variables[i] for i in upper_idx],
+                m,
+                [optimizer_values[i] for i in slices["upper"]],
+            )
+            for i, value in zip(slices["upper"], new_upper_opt):
+                new_optimizer_values[i] = value
+        new_trainable = assemble(new_w, new_m)
+
+        # Keep the shared step counter of the MultiOptimizer in step.
+        (iterations_index,) = slices["own_iterations"]
+        new_optimizer_values[iterations_index] = optimizer_values[
+            iterations_index
+        ] + ops.cast(finite, optimizer_values[iterations_index].dtype)
+
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(lower_batch)
+        metrics_mapping = list(zip(self.metrics_variables, metrics_values))
+        with keras.StatelessScope(state_mapping=metrics_mapping) as scope:
+            batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
+            self._loss_tracker.update_state(loss, sample_weight=batch_size)
+            if self._phase != "retrain":
+                self.upper_loss_tracker.update_state(
+                    upper_value,
+                    sample_weight=ops.cast(due, "float32") if bilevel else 0.0,
+                )
+            logs = self.compute_metrics(x, y, y_pred, sample_weight)
+        new_metrics_values = []
+        for variable, value in zip(self.metrics_variables, metrics_values):
+            current = scope.get_current_value(variable)
+            new_metrics_values.append(value if current is None else current)
+
+        if non_trainable is None:
+            new_non_trainable = nt_updates
+        else:
+            updated = {id(v): value for v, value in nt_updates}
+            new_non_trainable = [
+                ops.where(finite, updated[id(v)], value)
+                if id(v) in updated
+                else value
+                for v, value in zip(self.non_trainable_variables, non_trainable)
+            ]
+        state = (
+            new_trainable,
+            new_non_trainable,
+            new_optimizer_values,
+            new_metrics_values,
+        )
+        return logs, state
+
+    def _optimizer_slices(self):
+        positions = {id(v): i for i, v in enumerate(self.optimizer.variables)}
+        return {
+            "lower": [positions[id(v)] for v in self.lower_optimizer.variables],
+            "upper": (
+                [positions[id(v)] for v in self.upper_optimizer.variables]
+                if self.upper_optimizer is not None
+                else []
+            ),
+            "own_iterations": [positions[id(self.optimizer.iterations)]],
+        }
+
+    def test_step(self, *args):
+        # The upper loss is a training quantity: keep `val_upper_loss` out.
+        result = super().test_step(*args)
+        if keras.config.backend() == "jax":
+            logs, state = result
+            return self._without_upper_loss(logs), state
+        return self._without_upper_loss(result)
+
+    @staticmethod
+    def _without_upper_loss(logs):
+        return {k: v for k, v in logs.items() if k != "upper_loss"}
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        if self._phase == "retrain":
+            metrics = [m for m in metrics if m is not self.upper_loss_tracker]
+        return metrics
+
+    # Serialization -------------------------------------------------------
+
+    def get_config(self):
+        from keras_bidora.injection import injection_config
+
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "model": injection_config(self.model),
+            "upper_fraction": self.upper_fraction,
+            "hypergradient": self.hypergradient,
+            "upper_every": self.upper_every,
+            "upper_batch_size": self.upper_batch_size,
+            "direction_regularization": self.direction_regularization,
+            "neumann_terms": self.neumann_terms,
+            "method": self.method,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        from keras_bidora.injection import inject
+
+        config = dict(config)
+        injection = dict(config.pop("model"))
+        model = keras.saving.deserialize_keras_object(
+            injection.pop("model"), custom_objects=custom_objects
+        )
+        inject(model, **injection)
+        return cls(model, **config)
+
+
+def _split_tail(arrays, fraction):
+    """Keras's `validation_split`: the last `fraction` of the samples."""
+    flat = [a for a in keras.tree.flatten(arrays) if a is not None]
+    size = len(flat[0])
+    cut = int(math.floor(size * (1.0 - fraction)))
+    head = keras.tree.map_structure(
+        lambda a: None if a is None else np.asarray(a)[:cut], arrays
+    )
+    tail = keras.tree.map_structure(
+        lambda a: None if a is None else np.asarray(a)[cut:], arrays
+    )
+    return head, tuple(a for a in tail if a is not None)
