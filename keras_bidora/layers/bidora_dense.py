@@ -190,8 +190,10 @@ class BiDoRADense(keras.layers.Layer):
         kwargs.setdefault("name", layer.name)
         kwargs.setdefault("dtype", layer.dtype_policy)
         # Variables are read in their own dtype and cast explicitly in
-        # `call`: the column norm is taken in float32 even under a mixed
-        # policy, where autocasting would first round W0 to the compute dtype.
+        # `call`: the column norm is taken in float32 under a mixed policy,
+        # where autocasting would first round W0 to the compute dtype. (Keras
+        # still autocasts the wrapped layer's kernel when a mixed-policy
+        # BiDoRADense is called on its own, outside any model.)
         kwargs["autocast"] = False
         super().__init__(**kwargs)
         self.layer = layer
@@ -271,6 +273,9 @@ class BiDoRADense(keras.layers.Layer):
     def build(self, input_shape=None):
         self.layer.trainable = False
         dtype = self.adapter_dtype
+        # `autocast=False` on the adapters too: Keras 3.15 enters an autocast
+        # scope for a top-level call of a mixed-policy layer even when the
+        # layer's own `autocast` is False.
         if self.use_magnitude:
             self.magnitude = self.add_weight(
                 name="magnitude",
@@ -279,18 +284,21 @@ class BiDoRADense(keras.layers.Layer):
                     self._column_norm(self._base_matrix(dtype)), shape
                 ),
                 dtype=dtype,
+                autocast=False,
             )
         self.lora_a = self.add_weight(
             name="lora_a",
             shape=(self._in_units, self.rank),
             initializer=self.lora_a_initializer,
             dtype=dtype,
+            autocast=False,
         )
         self.lora_b = self.add_weight(
             name="lora_b",
             shape=(self.rank, self._out_units),
             initializer="zeros",
             dtype=dtype,
+            autocast=False,
         )
 
     def _base_matrix(self, dtype):
