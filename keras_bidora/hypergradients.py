@@ -64,7 +64,10 @@ def darts(backend, problem, w, m, lower_grads, lower_batch, upper_batch,
     `eps = 0.01 / ||v||`.
     """
     del terms
-    virtual = [wi - learning_rate * gi for wi, gi in zip(w, lower_grads)]
+    virtual = [
+        wi - learning_rate * ops.stop_gradient(gi)
+        for wi, gi in zip(w, lower_grads)
+    ]
     n_w = len(w)
 
     def upper(params):

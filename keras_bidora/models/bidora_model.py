@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_bidora import backend as backend_lib
 from keras_bidora import hypergradients
+from keras_bidora.distribution import distribute_adapters
 from keras_bidora.layers.bidora_dense import adapted_layers
 from keras_bidora.layers.bidora_dense import direction_regularization
 from keras_bidora.models.bilevel_dataset import BiLevelDataset
@@ -211,6 +212,9 @@ class BiDoRAModel(keras.Model):
                 dropout=dropout,
                 **kwargs,
             )
+        # Under a keras.distribution (JAX), the adapters are laid out like
+        # their kernels.
+        distribute_adapters(model)
         super().__init__(**base_kwargs)
         self.model = model
         self.rank = rank
@@ -303,6 +307,15 @@ class BiDoRAModel(keras.Model):
             )
         super().compile(optimizer=multi, **kwargs)
 
+    def compile_from_config(self, config):
+        # Keras skips compiling a reloaded model whose `compile` is
+        # overridden unless this is overridden too; without it, `.keras`
+        # files reload with no optimizer (and lose both optimizers' states).
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     @property
     def lower_optimizer(self):
         """The lower level's optimizer (direction and head)."""
@@ -359,6 +372,7 @@ class BiDoRAModel(keras.Model):
         """
         callbacks = list(callbacks or [])
         if self._phase != "bilevel":
+            self._build_optimizer()
             return super().fit(
                 x,
                 y,
@@ -474,7 +488,34 @@ class BiDoRAModel(keras.Model):
         # Keras builds metrics, loss and optimizer from the first batch of
         # fit's data, which here is a (lower, upper, due) triple; build them
         # from a lower batch instead. `_symbolic_build` is private Keras API.
-        self._symbolic_build(data_batch=lower_batch)
+        if keras.config.backend() == "tensorflow":
+            # Under a tf.distribute strategy, variables (optimizer states
+            # included) must be created in its scope.
+            with self.distribute_strategy.scope():
+                self._symbolic_build(data_batch=lower_batch)
+        else:
+            self._symbolic_build(data_batch=lower_batch)
+
+    def _build_optimizer(self):
+        # Keras's TensorFlow trainer (without a strategy) leaves building
+        # the optimizer to its first `apply`, which this train step never
+        # calls (it applies each level's optimizer); the MultiOptimizer
+        # would then stay unbuilt and fail in `finalize_variable_values`.
+        if self.optimizer is None or self.optimizer.built:
+            return
+        if keras.config.backend() == "tensorflow":
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+        else:
+            self.optimizer.build(self.trainable_variables)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras's TF trainer builds from fit's first batch under a strategy,
+        # reducing it across replicas first; the bi-level batches (with their
+        # boolean due flags) are built from by `_build_for_training` instead.
+        if self._phase == "bilevel":
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     # Train step ----------------------------------------------------------
 
@@ -489,9 +530,13 @@ class BiDoRAModel(keras.Model):
             [ops.convert_to_tensor(v.value) for v in self.optimizer.variables],
             [ops.convert_to_tensor(v.value) for v in self.metrics_variables],
         )
-        logs, (_, non_trainable, _, metrics) = self._stateless_train_step(
-            state, data
+        logs, (_, non_trainable, optimizer_values, metrics) = (
+            self._stateless_train_step(state, data)
         )
+        # Each level's optimizer updated itself; the MultiOptimizer's own
+        # step counter lives only in the returned values.
+        (index,) = self._optimizer_slices()["own_iterations"]
+        self.optimizer.iterations.assign(optimizer_values[index])
         for variable, value in non_trainable:
             variable.assign(value)
         for variable, value in zip(self.metrics_variables, metrics):
@@ -509,8 +554,11 @@ class BiDoRAModel(keras.Model):
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight
             )
             if regularize and self.direction_regularization:
-                loss = loss + self.direction_regularization * (
-                    direction_regularization(self.adapted_layers)
+                # As Keras's regularization losses: under a tf.distribute
+                # strategy, divided by the number of replicas like the loss.
+                loss = loss + self._aggregate_additional_loss(
+                    self.direction_regularization
+                    * direction_regularization(self.adapted_layers)
                 )
         updates = []
         for variable in self.non_trainable_variables:
@@ -526,7 +574,7 @@ class BiDoRAModel(keras.Model):
         bilevel = self._phase == "bilevel"
         if bilevel:
             lower_batch, upper_batch, due = data
-            due = ops.reshape(due, ())
+            due = due[0]
         else:
             lower_batch, upper_batch, due = data, None, False
         joint = self._phase == "joint"
@@ -579,7 +627,10 @@ class BiDoRAModel(keras.Model):
             )(w)
             if bilevel:
                 estimator = hypergradients.get(self.hypergradient)
-                problem = _Problem(lower_loss, upper_loss)
+                problem = _Problem(
+                    lambda w, m, batch: lower_loss(w, m, batch, True),
+                    upper_loss,
+                )
 
                 def upper_step():
                     value, hypergradient = estimator(
@@ -600,7 +651,7 @@ class BiDoRAModel(keras.Model):
                         ops.zeros_like(value) for value in m
                     ]
 
-                upper_value, upper_grads = ops.cond(
+                upper_value, upper_grads = backend.cond(
                     due, upper_step, no_upper_step
                 )
             else:
@@ -737,7 +788,7 @@ class BiDoRAModel(keras.Model):
             injection.pop("model"), custom_objects=custom_objects
         )
         inject(model, **injection)
-        return cls(model, **config)
+        return cls(model, **injection, **config)
 
 
 def _split_tail(arrays, fraction):

@@ -238,9 +238,13 @@ class BiLevelDataset(keras.utils.PyDataset):
     def __getitem__(self, index):
         due = index % self.upper_every == 0
         upper_index = (index // self.upper_every) % len(self.upper)
+        lower = self.lower.batch(index, self._lower_order)
+        # One flag per lower sample: Keras's data adapters want arrays of
+        # rank >= 1, and a distribution shards every array along its batch
+        # axis.
+        size = len(keras.tree.flatten(lower[0])[0])
         return (
-            self.lower.batch(index, self._lower_order),
+            lower,
             self.upper.batch(upper_index, self._upper_order),
-            # Keras's data adapters want arrays of rank >= 1.
-            np.asarray([due]),
+            np.full((size,), due),
         )
