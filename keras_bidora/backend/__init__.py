@@ -1,6 +1,6 @@
 """Per-backend train-step pieces, picked by `keras.config.backend()`.
 
-Each backend module provides the same two functions:
+Each backend module provides the same three functions:
 
 - `value_and_grad(fn, create_graph=False)`: returns a function that takes
   `(params, *args)`, where `params` is a list of tensors and
@@ -10,6 +10,9 @@ Each backend module provides the same two functions:
 - `apply_gradients(pred, optimizer, grads, variables, values, optimizer_values)`:
   applies one optimizer step to `variables` when the scalar `pred` is true
   and returns the new `(values, optimizer_values)`.
+- `cond(pred, true_fn, false_fn)`: `keras.ops.cond`, except that under a
+  `tf.distribute` strategy TensorFlow runs both branches and selects (a
+  `tf.cond` branch may not sum across replicas).
 
 Everything else of the bi-level step is written once, on top of these, in
 `keras_bidora.hypergradients` and `keras_bidora.models.bidora_model`.

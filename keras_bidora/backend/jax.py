@@ -17,3 +17,7 @@ def apply_gradients(pred, optimizer, grads, variables, values, optimizer_values)
 
     new_values, new_optimizer_values = jax.lax.cond(pred, update, keep)
     return list(new_values), list(new_optimizer_values)
+
+
+def cond(pred, true_fn, false_fn):
+    return jax.lax.cond(pred, true_fn, false_fn)

@@ -36,3 +36,7 @@ def apply_gradients(pred, optimizer, grads, variables, values, optimizer_values)
         [v.value for v in variables],
         [v.value for v in optimizer.variables],
     )
+
+
+def cond(pred, true_fn, false_fn):
+    return true_fn() if bool(pred) else false_fn()
