@@ -284,6 +284,13 @@ class BiDoRAModel(keras.Model):
                 "layer has one (they were built with magnitude=False). Use "
                 "magnitude=True, or train plain LoRA with keras.Model.fit."
             )
+        if self.dtype_policy.name == "mixed_float16":
+            raise ValueError(
+                "BiDoRAModel does not support the mixed_float16 policy yet "
+                "(Keras's LossScaleOptimizer cannot wrap its two optimizers); "
+                "use mixed_bfloat16. Received: dtype policy "
+                f"{self.dtype_policy.name!r}"
+            )
         if (
             isinstance(optimizer, keras.optimizers.MultiOptimizer)
             and upper_optimizer is None
