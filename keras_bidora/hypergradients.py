@@ -39,8 +39,17 @@ def _dot(a, b):
     return sum(ops.sum(x * y) for x, y in zip(a, b))
 
 
-def first_order(backend, problem, w, m, lower_grads, lower_batch, upper_batch,
-                learning_rate, terms=None):
+def first_order(
+    backend,
+    problem,
+    w,
+    m,
+    lower_grads,
+    lower_batch,
+    upper_batch,
+    learning_rate,
+    terms=None,
+):
     """Gradient of the upper loss in `m` at the current direction `w`."""
     del lower_grads, lower_batch, learning_rate, terms
 
@@ -51,8 +60,17 @@ def first_order(backend, problem, w, m, lower_grads, lower_batch, upper_batch,
     return upper_loss, list(grads)
 
 
-def darts(backend, problem, w, m, lower_grads, lower_batch, upper_batch,
-          learning_rate, terms=None):
+def darts(
+    backend,
+    problem,
+    w,
+    m,
+    lower_grads,
+    lower_batch,
+    upper_batch,
+    learning_rate,
+    terms=None,
+):
     """The DARTS second-order approximation of the unrolled hypergradient.
 
     With `xi` the lower learning rate and `w' = w - xi * g` one plain SGD
@@ -93,8 +111,17 @@ def darts(backend, problem, w, m, lower_grads, lower_batch, upper_batch,
     return upper_loss, hypergradient
 
 
-def neumann(backend, problem, w, m, lower_grads, lower_batch, upper_batch,
-            learning_rate, terms=3):
+def neumann(
+    backend,
+    problem,
+    w,
+    m,
+    lower_grads,
+    lower_batch,
+    upper_batch,
+    learning_rate,
+    terms=3,
+):
     """Implicit differentiation with a truncated Neumann series.
 
     `dL_up/dm - d2L_low/dm dw . H^-1 v`, `v = dL_up/dw`, `H = d2L_low/dw2`,
@@ -132,9 +159,7 @@ def neumann(backend, problem, w, m, lower_grads, lower_batch, upper_batch,
         mixed_sum = [a + b for a, b in zip(mixed_sum, mixed_p)]
         if term < terms:
             p = [pi - learning_rate * hi for pi, hi in zip(p, hessian_p)]
-    hypergradient = [
-        d - learning_rate * s for d, s in zip(direct, mixed_sum)
-    ]
+    hypergradient = [d - learning_rate * s for d, s in zip(direct, mixed_sum)]
     return upper_loss, hypergradient
 
 

@@ -7,8 +7,11 @@ import pytest
 from absl.testing import parameterized
 from keras import ops
 
-from keras_bidora import BiDoRADense, direction_regularization
-from tests.test_case import TestCase, gradients, to_numpy
+from keras_bidora import BiDoRADense
+from keras_bidora import direction_regularization
+from tests.test_case import TestCase
+from tests.test_case import gradients
+from tests.test_case import to_numpy
 
 RANK = 2
 ALPHA = 3.0

@@ -11,7 +11,8 @@ import tempfile
 import keras
 import numpy as np
 from absl.testing import parameterized
-from keras import ops, tree
+from keras import ops
+from keras import tree
 
 
 def to_numpy(x):

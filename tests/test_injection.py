@@ -100,25 +100,6 @@ BACKBONES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def quick_jax_compilation():
-    """Skips XLA's optimisation passes while this module runs.
-
-    On JAX, building and training the tiny models here costs mostly
-    compilation (every initializer and every eager op compiles once per
-    shape); XLA's optimisations do not pay for themselves on them.
-    """
-    if keras.config.backend() != "jax":
-        yield
-        return
-    import jax
-
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def make_backbone(name="bert"):
     """A tiny randomly initialised KerasHub backbone."""
     class_name, kwargs, _, _ = BACKBONES[name]

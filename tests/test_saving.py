@@ -18,7 +18,6 @@ from tests.test_case import to_numpy
 from tests.test_injection import backbone_inputs
 from tests.test_injection import functional_model
 from tests.test_injection import make_backbone
-from tests.test_injection import quick_jax_compilation  # noqa: F401
 
 
 def randomize_adapters(model, seed=0):

@@ -7,9 +7,9 @@ Each backend module provides the same three functions:
   `fn(params, *args)` returns `(value, aux)`, and gives back
   `((value, aux), grads)`. `create_graph=True` keeps the gradient
   differentiable (for Hessian-vector products).
-- `apply_gradients(pred, optimizer, grads, variables, values, optimizer_values)`:
-  applies one optimizer step to `variables` when the scalar `pred` is true
-  and returns the new `(values, optimizer_values)`.
+- `apply_gradients(pred, optimizer, grads, variables, values,
+  optimizer_values)`: applies one optimizer step to `variables` when the
+  scalar `pred` is true and returns the new `(values, optimizer_values)`.
 - `cond(pred, true_fn, false_fn)`: `keras.ops.cond`, except that under a
   `tf.distribute` strategy TensorFlow runs both branches and selects (a
   `tf.cond` branch may not sum across replicas).

@@ -8,7 +8,9 @@ def value_and_grad(fn, create_graph=False):
     return jax.value_and_grad(fn, has_aux=True)
 
 
-def apply_gradients(pred, optimizer, grads, variables, values, optimizer_values):
+def apply_gradients(
+    pred, optimizer, grads, variables, values, optimizer_values
+):
     def update():
         return optimizer.stateless_apply(optimizer_values, grads, values)
 

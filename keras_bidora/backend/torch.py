@@ -28,7 +28,9 @@ def value_and_grad(fn, create_graph=False):
     return wrapped
 
 
-def apply_gradients(pred, optimizer, grads, variables, values, optimizer_values):
+def apply_gradients(
+    pred, optimizer, grads, variables, values, optimizer_values
+):
     if bool(pred):
         with torch.no_grad():
             optimizer.apply([g.detach() for g in grads], variables)

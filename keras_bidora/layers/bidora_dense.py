@@ -140,7 +140,9 @@ class BiDoRADense(keras.layers.Layer):
         lora_a_initializer="he_uniform",
         **kwargs,
     ):
-        if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        if not isinstance(
+            layer, (keras.layers.Dense, keras.layers.EinsumDense)
+        ):
             raise ValueError(
                 "BiDoRADense wraps a keras.layers.Dense or "
                 "keras.layers.EinsumDense. Received: "
@@ -237,7 +239,11 @@ class BiDoRADense(keras.layers.Layer):
         self._kernel_perm = [
             self._matrix_perm.index(i) for i in range(len(kernel_shape))
         ]
-        used = set(self.layer.equation) if hasattr(self.layer, "equation") else set()
+        used = (
+            set(self.layer.equation)
+            if hasattr(self.layer, "equation")
+            else set()
+        )
         rank_letter = next(c for c in string.ascii_letters if c not in used)
         plain_output = output_spec.replace("...", "")
         kept = "".join(c for c in input_spec if c in plain_output)
@@ -412,9 +418,7 @@ class BiDoRADense(keras.layers.Layer):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["layer"] = keras.saving.deserialize_keras_object(
-            config["layer"]
-        )
+        config["layer"] = keras.saving.deserialize_keras_object(config["layer"])
         return cls(**config)
 
 

@@ -160,8 +160,7 @@ class BiDoRAModel(keras.Model):
                 f"task). Received: model={model!r}"
             )
         if not (
-            isinstance(upper_fraction, (int, float))
-            and 0 < upper_fraction < 1
+            isinstance(upper_fraction, (int, float)) and 0 < upper_fraction < 1
         ):
             raise ValueError(
                 "upper_fraction must be a number in (0, 1). Received: "
@@ -444,8 +443,14 @@ class BiDoRAModel(keras.Model):
             **kwargs,
         )
 
-    def retrain(self, x=None, y=None, epochs=1, reinitialize_direction=True,
-                **fit_kwargs):
+    def retrain(
+        self,
+        x=None,
+        y=None,
+        epochs=1,
+        reinitialize_direction=True,
+        **fit_kwargs,
+    ):
         """The second phase: direction and head on all data, `m` frozen.
 
         Args:
@@ -478,7 +483,9 @@ class BiDoRAModel(keras.Model):
                     keep.add(id(lower._learning_rate))
                 for variable in lower.variables:
                     if id(variable) not in keep:
-                        variable.assign(ops.zeros(variable.shape, variable.dtype))
+                        variable.assign(
+                            ops.zeros(variable.shape, variable.dtype)
+                        )
         previous = self._phase
         self._set_phase("retrain")
         try:

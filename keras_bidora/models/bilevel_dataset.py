@@ -80,10 +80,13 @@ def materialize_batches(dataset):
         batches = [dataset[i] for i in range(len(dataset))]
     else:
         batches = list(dataset.as_numpy_iterator())
+
+    def to_numpy(a):
+        return None if a is None else keras.ops.convert_to_numpy(a)
+
     packed = []
     for batch in batches:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
-        to_numpy = lambda a: None if a is None else keras.ops.convert_to_numpy(a)  # noqa: E731
         packed.append(
             _pack(
                 keras.tree.map_structure(to_numpy, x),
@@ -164,8 +167,9 @@ def split_sources(
                     "`upper_data`."
                 )
             order = np.random.default_rng(seed).permutation(size)
-            upper_idx, lower_idx = np.sort(order[:n_upper]), np.sort(
-                order[n_upper:]
+            upper_idx, lower_idx = (
+                np.sort(order[:n_upper]),
+                np.sort(order[n_upper:]),
             )
             lower = ArraySource(
                 *_take((x, y, sample_weight), lower_idx),
