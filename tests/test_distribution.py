@@ -9,10 +9,10 @@ training runs in a subprocess, on the outer run's backend:
   devices and `ModelParallel` over a 2 x 2 mesh;
 - under `KERAS_BACKEND=tensorflow`, `tf.distribute.MirroredStrategy` over
   2 logical CPU devices;
-- under `KERAS_BACKEND=torch` there is no Keras multi-device training to
-  test (multi-GPU torch is left to DDP outside Keras), and both skip.
+- under `KERAS_BACKEND=torch`, which has no Keras multi-device training
+  (multi-GPU torch is left to DDP outside Keras), the TensorFlow check.
 
-Each CI run thus pays for one subprocess rather than three. Each trains
+Each CI run thus pays for one subprocess rather than two. Each trains
 the same tiny model (a `Dense` and an `EinsumDense` adapted) for 10 lower
 steps with `first_order` and `darts`, and compares the per-step losses and
 the final variables with single-device training in the same subprocess.
@@ -201,11 +201,13 @@ class DistributionTest(TestCase):
                 got["weights"][path], value, atol=1e-5, rtol=1e-5, msg=path
             )
 
-    @pytest.mark.skipif(
-        keras.config.backend() != "jax",
-        reason="keras.distribution runs on JAX; tested in the JAX run.",
-    )
-    def test_jax_data_and_model_parallel(self):
+    def test_multi_device_matches_single_device(self):
+        if keras.config.backend() == "jax":
+            self.check_jax_data_and_model_parallel()
+        else:
+            self.check_tensorflow_mirrored_strategy()
+
+    def check_jax_data_and_model_parallel(self):
         results = run_script(JAX_SCRIPT, "jax")
         self.assertEqual(results["devices"], 4)
         for hypergradient in ("first_order", "darts"):
@@ -243,11 +245,7 @@ class DistributionTest(TestCase):
             (path,) = [p for p in specs if p.replace("/", "_") + "_" in slot]
             self.assertEqual(axes, specs[path], msg=slot)
 
-    @pytest.mark.skipif(
-        keras.config.backend() != "tensorflow",
-        reason="tf.distribute runs on TensorFlow; tested in the TF run.",
-    )
-    def test_tensorflow_mirrored_strategy(self):
+    def check_tensorflow_mirrored_strategy(self):
         results = run_script(TF_SCRIPT, "tensorflow")
         self.assertEqual(results["devices"], 2)
         for hypergradient in ("first_order", "darts"):
@@ -326,16 +324,13 @@ class AcceleratorBenchmarkTest(TestCase):
 
     The benchmark covers JAX and torch. To keep the JAX run short, it checks
     BiDoRA with the first-order hypergradient there (one compilation) and
-    Keras LoRA and BiDoRA with DARTS in the torch run; the TensorFlow run
-    skips.
+    Keras LoRA and BiDoRA with DARTS in the torch and TensorFlow runs (the
+    benchmark itself has no TensorFlow variant).
     """
 
-    @pytest.mark.skipif(
-        keras.config.backend() not in ("jax", "torch"),
-        reason="The accelerator benchmark runs on JAX and torch.",
-    )
     def test_tiny_run(self):
         backend = keras.config.backend()
+        backend = backend if backend in ("jax", "torch") else "torch"
         methods = ["first_order"] if backend == "jax" else ["lora", "darts"]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
         process = subprocess.run(
