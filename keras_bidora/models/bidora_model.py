@@ -713,10 +713,9 @@ class BiDoRAModel(keras.Model):
         with keras.StatelessScope(state_mapping=metrics_mapping) as scope:
             batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
             self._loss_tracker.update_state(loss, sample_weight=batch_size)
-            if self._phase != "retrain":
+            if bilevel:
                 self.upper_loss_tracker.update_state(
-                    upper_value,
-                    sample_weight=ops.cast(due, "float32") if bilevel else 0.0,
+                    upper_value, sample_weight=ops.cast(due, "float32")
                 )
             logs = self.compute_metrics(x, y, y_pred, sample_weight)
         new_metrics_values = []
@@ -769,7 +768,7 @@ class BiDoRAModel(keras.Model):
     @property
     def metrics(self):
         metrics = super().metrics
-        if self._phase == "retrain":
+        if self._phase != "bilevel":
             metrics = [m for m in metrics if m is not self.upper_loss_tracker]
         return metrics
 

@@ -1,0 +1,334 @@
+"""Training cost of LoRA, DoRA and BiDoRA against Keras's built-in LoRA.
+
+Each row runs in its own process (so that its peak memory is its own) on
+the pretrained MiniLM-L6 BERT classifier, batch 16, sequence 128, rank 8,
+query/value adapted, AdamW at both levels. A row trains with `fit` on fixed
+random token ids; a callback reads each step's loss (which waits for the
+step to finish) and times it. `step_s` is the median over the timed steps
+after the warm-up steps (compilation included there). Every training row is
+printed with its ratio to `keras_lora` measured in the same run, and the
+inference rows with their ratio to `base_inference`.
+
+Usage:
+
+    python benchmarks/speed.py --quick                 # all backends
+    python benchmarks/speed.py --backend jax --json    # one backend
+
+Results go to `benchmarks/results/speed-<backend>.json` and `.md`.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROWS = (
+    "keras_lora",
+    "lora",
+    "dora",
+    "dora_detach_norm",
+    "bidora_first_order_k1",
+    "bidora_first_order_k4",
+    "bidora_darts_k1",
+    "bidora_darts_k4",
+    "bidora_neumann_k1",
+    "base_inference",
+    "merged_inference",
+)
+BACKENDS = ("jax", "tensorflow", "torch")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _peak_mb():
+    """Peak device memory where there is an accelerator, else peak RSS."""
+    import keras
+
+    backend = keras.config.backend()
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform != "cpu":
+            return device.memory_stats()["peak_bytes_in_use"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _data(batch_size, sequence_length, steps, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = batch_size * steps
+    x = {
+        "token_ids": rng.integers(1000, 30000, (n, sequence_length)).astype(
+            "int32"
+        ),
+        "segment_ids": np.zeros((n, sequence_length), "int32"),
+        "padding_mask": np.ones((n, sequence_length), "bool"),
+    }
+    y = rng.integers(0, 2, (n,)).astype("int32")
+    return x, y
+
+
+class _StepTimer:
+    def __init__(self):
+        import keras
+
+        class Timer(keras.callbacks.Callback):
+            def on_train_batch_begin(inner, batch, logs=None):
+                inner.start = time.perf_counter()
+
+            def on_train_batch_end(inner, batch, logs=None):
+                float(keras.ops.convert_to_numpy(logs["loss"]))
+                self.times.append(time.perf_counter() - inner.start)
+
+        self.times = []
+        self.callback = Timer()
+
+
+def _classifier():
+    import keras_hub
+
+    from keras_bidora.data.preprocessing import default_preset
+
+    backbone = keras_hub.models.BertBackbone.from_preset(default_preset())
+    return keras_hub.models.BertTextClassifier(
+        backbone=backbone, num_classes=2, preprocessor=None, dropout=0.1
+    )
+
+
+def run_row(name, batch_size, sequence_length, warmup, steps):
+    """Runs one row in this process and returns its measurements."""
+    import keras
+    import numpy as np
+
+    import keras_bidora
+
+    keras.utils.set_random_seed(0)
+    model = _classifier()
+    total = warmup + steps
+    x, y = _data(batch_size, sequence_length, total)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    if name.endswith("inference"):
+        if name == "merged_inference":
+            wrapper = keras_bidora.BiDoRAModel(model, rank=8, alpha=16)
+            model = keras_bidora.merge(wrapper)
+        batch = {k: v[:batch_size] for k, v in x.items()}
+        # Inference steps are short: time more of them.
+        steps = 6 * steps
+        times = []
+        for _ in range(warmup + steps):
+            start = time.perf_counter()
+            np.asarray(model.predict_on_batch(batch))
+            times.append(time.perf_counter() - start)
+        return {"times": times[warmup:]}
+
+    if name == "keras_lora":
+        model.backbone.enable_lora(8)
+        trainer = model
+    elif name in ("lora", "dora", "dora_detach_norm"):
+        keras_bidora.inject(
+            model,
+            rank=8,
+            alpha=16,
+            magnitude=name != "lora",
+            detach_norm=name == "dora_detach_norm",
+        )
+        trainer = model
+    else:
+        hypergradient, _, k = name.split("_", 1)[1].rpartition("_")
+        trainer = keras_bidora.BiDoRAModel(
+            model,
+            rank=8,
+            alpha=16,
+            hypergradient=hypergradient,
+            upper_every=int(k[1:]),
+            seed=0,
+        )
+        # fit holds out upper_fraction of the samples: give it enough for
+        # `total` lower steps.
+        x, y = _data(batch_size, sequence_length, int(total / 0.8) + 1)
+    trainer.compile(
+        optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.1),
+        loss=loss,
+    )
+    timer = _StepTimer()
+    trainer.fit(
+        x,
+        y,
+        batch_size=batch_size,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[timer.callback],
+    )
+    trainable = sum(int(np.prod(v.shape)) for v in trainer.trainable_weights)
+    return {"times": timer.times[warmup:total], "trainable_params": trainable}
+
+
+def _row_main(args):
+    result = run_row(
+        args.row,
+        args.batch_size,
+        args.sequence_length,
+        args.warmup,
+        args.steps,
+    )
+    result["peak_mb"] = _peak_mb()
+    print("RESULT " + json.dumps(result))
+
+
+def run_backend(backend, args):
+    rows = []
+    for name in args.rows:
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--row",
+            name,
+            "--batch-size",
+            str(args.batch_size),
+            "--sequence-length",
+            str(args.sequence_length),
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+        ]
+        env = {**os.environ, "KERAS_BACKEND": backend}
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        lines = [
+            line
+            for line in done.stdout.splitlines()
+            if line.startswith("RESULT ")
+        ]
+        if done.returncode != 0 or not lines:
+            sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
+            raise SystemExit(f"row {name} failed on {backend}")
+        result = json.loads(lines[-1][len("RESULT ") :])
+        rows.append(
+            {
+                "name": name,
+                "backend": backend,
+                "step_s": statistics.median(result["times"]),
+                "step_s_min": min(result["times"]),
+                "steps_timed": len(result["times"]),
+                "peak_mb": round(result["peak_mb"], 1),
+                "trainable_params": result.get("trainable_params"),
+            }
+        )
+        if not args.json:
+            print(f"  {backend:10s} {name:24s} {rows[-1]['step_s']:.4f} s")
+    by_name = {row["name"]: row for row in rows}
+    for row in rows:
+        reference = (
+            "base_inference"
+            if row["name"].endswith("inference")
+            else "keras_lora"
+        )
+        if reference in by_name:
+            row[
+                "ratio_to_keras_lora"
+                if reference == "keras_lora"
+                else "ratio_to_base_inference"
+            ] = round(row["step_s"] / by_name[reference]["step_s"], 3)
+    return rows
+
+
+def _markdown(rows, args):
+    lines = [
+        f"Backend `{rows[0]['backend']}`, {platform.processor() or 'cpu'}, "
+        f"{os.cpu_count()} cores; batch {args.batch_size}, sequence "
+        f"{args.sequence_length}, {args.warmup} warm-up + {args.steps} timed "
+        "steps per row.",
+        "",
+        "| row | median step (s) | ratio | peak memory (MB) | trainable |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = row.get(
+            "ratio_to_keras_lora", row.get("ratio_to_base_inference")
+        )
+        lines.append(
+            f"| {row['name']} | {row['step_s']:.4f} | {ratio} | "
+            f"{row['peak_mb']} | {row['trainable_params'] or ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _save(backend, rows, args):
+    """Writes the rows, replacing same-named rows of an earlier run.
+
+    Each row keeps the command that measured it; ratios are always taken
+    within one run.
+    """
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"speed-{backend}.json")
+    merged = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            merged = {row["name"]: row for row in json.load(f)}
+    merged.update({row["name"]: row for row in rows})
+    rows = [merged[name] for name in ROWS if name in merged]
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    commands = sorted({row["command"] for row in rows})
+    with open(os.path.join(RESULTS, f"speed-{backend}.md"), "w") as f:
+        f.write("Commands: " + ", ".join(f"`{c}`" for c in commands) + "\n\n")
+        f.write(_markdown(rows, args))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=BACKENDS)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 warm-up and 5 timed steps per row",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per row"
+    )
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--sequence-length", type=int, default=128)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument(
+        "--no-save", action="store_true", help="don't write benchmarks/results/"
+    )
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.warmup is None:
+        args.warmup = 3
+    if args.steps is None:
+        args.steps = 5 if args.quick else 20
+    if args.row:
+        return _row_main(args)
+    command = " ".join(["python", "benchmarks/speed.py"] + sys.argv[1:])
+    for backend in [args.backend] if args.backend else BACKENDS:
+        rows = run_backend(backend, args)
+        for row in rows:
+            row["command"] = command
+            if args.json:
+                print(json.dumps(row))
+        if not args.no_save:
+            rows = _save(backend, rows, args)
+        if not args.json:
+            print(_markdown(rows, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Task data: the shipped GLUE and CoNLL-2003 subsets, users' files, and
+their tokenization with KerasHub. See `files/README.md` for provenance."""
+
+from keras_bidora.data.loaders import FILES_DIR
+from keras_bidora.data.loaders import TaskData
+from keras_bidora.data.loaders import iob1_to_iob2
+from keras_bidora.data.loaders import load_files
+from keras_bidora.data.loaders import load_task
+from keras_bidora.data.loaders import read_conll
+from keras_bidora.data.loaders import read_table
+from keras_bidora.data.preprocessing import IGNORE
+from keras_bidora.data.preprocessing import Encoder
+from keras_bidora.data.preprocessing import build_model
+from keras_bidora.data.preprocessing import default_preset
+from keras_bidora.data.preprocessing import resolve_preset
+from keras_bidora.data.task_spec import TASKS
+from keras_bidora.data.task_spec import TaskSpec
+from keras_bidora.data.task_spec import get_task_spec
+
+__all__ = [
+    "FILES_DIR",
+    "IGNORE",
+    "TASKS",
+    "Encoder",
+    "TaskData",
+    "TaskSpec",
+    "build_model",
+    "default_preset",
+    "get_task_spec",
+    "iob1_to_iob2",
+    "load_files",
+    "load_task",
+    "read_conll",
+    "read_table",
+    "resolve_preset",
+]

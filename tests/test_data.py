@@ -1,0 +1,372 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from keras_bidora import metrics
+from keras_bidora.data import IGNORE
+from keras_bidora.data import TASKS
+from keras_bidora.data import Encoder
+from keras_bidora.data import get_task_spec
+from keras_bidora.data import iob1_to_iob2
+from keras_bidora.data import load_files
+from keras_bidora.data import load_task
+from keras_bidora.data import read_conll
+from keras_bidora.data import resolve_preset
+from keras_bidora.data.preprocessing import default_preset
+
+# Rows per split, as files/README.md states them.
+SHIPPED_ROWS = {
+    "sst2": (2000, 872),
+    "rte": (1000, 277),
+    "mrpc": (1000, 408),
+    "cola": (2138, 1043),
+    "stsb": (1917, 1500),
+    "conll2003": (472, 391),
+}
+
+
+# Metrics ---------------------------------------------------------------
+
+
+def test_accuracy():
+    assert metrics.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
+    assert metrics.accuracy(np.array([2, 2]), np.array([2, 2])) == 1.0
+
+
+def test_binary_f1_by_hand():
+    # TP = 2, FP = 1, FN = 1: precision = recall = 2/3.
+    y_true = [1, 1, 1, 0, 0]
+    y_pred = [1, 1, 0, 1, 0]
+    assert metrics.f1_score(y_true, y_pred) == pytest.approx(2 / 3)
+    # No positive predicted and none true: F1 is 0, not NaN.
+    assert metrics.f1_score([0, 0], [0, 0]) == 0.0
+
+
+def test_macro_f1_by_hand():
+    y_true = ["a", "a", "b", "c"]
+    y_pred = ["a", "b", "b", "b"]
+    # a: P=1, R=1/2 -> 2/3; b: P=1/3, R=1 -> 1/2; c: 0.
+    expected = (2 / 3 + 1 / 2 + 0) / 3
+    assert metrics.f1_score(y_true, y_pred, average="macro") == (
+        pytest.approx(expected)
+    )
+
+
+def test_matthews_by_hand_and_degenerate():
+    # TP=2, TN=1, FP=1, FN=1: (2*1 - 1*1) / sqrt(3*3*2*2) = 1/6.
+    y_true = [1, 1, 1, 0, 0]
+    y_pred = [1, 1, 0, 1, 0]
+    assert metrics.matthews_corrcoef(y_true, y_pred) == pytest.approx(1 / 6)
+    # A constant prediction (the majority class) scores 0, as in GLUE.
+    assert metrics.matthews_corrcoef([1, 0, 1], [1, 1, 1]) == 0.0
+    assert metrics.matthews_corrcoef([1, 0, 1], [1, 0, 1]) == 1.0
+    assert metrics.matthews_corrcoef([1, 0, 1], [0, 1, 0]) == -1.0
+
+
+def test_matthews_multiclass_matches_pearson_of_one_hot_form():
+    # For two classes MCC equals the Pearson correlation of the labels.
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 2, 200)
+    y_pred = np.where(rng.random(200) < 0.7, y_true, 1 - y_true)
+    expected = stats.pearsonr(y_true, y_pred).statistic
+    assert metrics.matthews_corrcoef(y_true, y_pred) == pytest.approx(expected)
+    # Multi-class, by hand: confusion [[2, 1], [0, 1]] padded with a class
+    # nobody predicts; Gorodkin's formula.
+    y_true = [0, 0, 0, 1, 2]
+    y_pred = [0, 0, 1, 1, 1]
+    c = np.array([[2, 1, 0], [0, 1, 0], [0, 1, 0]], dtype=float)
+    t, p, s, n = c.sum(1), c.sum(0), np.trace(c), c.sum()
+    expected = (s * n - t @ p) / np.sqrt((n**2 - t @ t) * (n**2 - p @ p))
+    assert metrics.matthews_corrcoef(y_true, y_pred) == pytest.approx(expected)
+
+
+def test_correlations_against_scipy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=100)
+    y = 0.5 * x + rng.normal(size=100)
+    assert metrics.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
+    assert metrics.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
+    # Ties (STS-B scores repeat) take average ranks, as scipy's.
+    x = np.round(rng.uniform(0, 5, 300) * 2) / 2
+    y = np.round(x + rng.normal(size=300))
+    assert metrics.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
+    assert metrics.pearson([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+def test_entities_and_entity_scores():
+    assert metrics.entities(["B-PER", "I-PER", "O", "B-LOC"]) == [
+        ("PER", 0, 2),
+        ("LOC", 3, 4),
+    ]
+    # A stray I- starts an entity; a type change ends one (conlleval).
+    assert metrics.entities(["O", "I-ORG", "I-LOC", "B-LOC", "I-LOC"]) == [
+        ("ORG", 1, 2),
+        ("LOC", 2, 3),
+        ("LOC", 3, 5),
+    ]
+    # seqeval's README example: one of two entities found in each sentence
+    # set, so precision = recall = F1 = 0.5.
+    y_true = [
+        ["O", "O", "O", "B-MISC", "I-MISC", "I-MISC", "O"],
+        ["B-PER", "I-PER", "O"],
+    ]
+    y_pred = [
+        ["O", "O", "B-MISC", "I-MISC", "I-MISC", "I-MISC", "O"],
+        ["B-PER", "I-PER", "O"],
+    ]
+    assert metrics.entity_scores(y_true, y_pred) == {
+        "precision": 0.5,
+        "recall": 0.5,
+        "f1": 0.5,
+    }
+    # Two true entities, three predicted, one right: P=1/3, R=1/2, F1=2/5.
+    scores = metrics.entity_scores(
+        [["B-PER", "O", "B-ORG", "I-ORG"]],
+        [["B-PER", "B-LOC", "B-ORG", "O"]],
+    )
+    assert scores["precision"] == pytest.approx(1 / 3)
+    assert scores["recall"] == pytest.approx(1 / 2)
+    assert scores["f1"] == pytest.approx(0.4)
+
+
+def test_metric_errors():
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.accuracy([1, 2], [1])
+    with pytest.raises(ValueError, match="average"):
+        metrics.f1_score([1], [1], average="micro")
+    with pytest.raises(ValueError, match="IOB2"):
+        metrics.entities(["X-PER"])
+    with pytest.raises(ValueError, match="Sentence 0"):
+        metrics.entity_scores([["O"]], [["O", "O"]])
+
+
+# Task specs and shipped files ------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_shipped_files_have_the_documented_rows(name):
+    train_rows, dev_rows = SHIPPED_ROWS[name]
+    train = load_task(name, "train")
+    dev = load_task(name, "dev")
+    assert (len(train), len(dev)) == (train_rows, dev_rows)
+    spec = train.spec
+    texts = train.texts
+    if spec.pair:
+        assert isinstance(texts, tuple) and len(texts) == 2
+        assert len(texts[0]) == len(texts[1]) == train_rows
+    if spec.kind == "classification":
+        assert train.labels.dtype == np.int32
+        assert set(np.unique(train.labels)) == set(range(spec.num_classes))
+    if spec.kind == "regression":
+        assert train.labels.dtype == np.float32
+        assert 0 <= train.labels.min() and train.labels.max() <= 5
+
+
+def test_readme_lists_every_shipped_file():
+    from keras_bidora.data import FILES_DIR
+
+    with open(os.path.join(FILES_DIR, "README.md")) as f:
+        readme = f.read()
+    for folder, _, files in os.walk(FILES_DIR):
+        for file in files:
+            path = os.path.relpath(os.path.join(folder, file), FILES_DIR)
+            if path.endswith((".md", ".py")) or "__pycache__" in path:
+                continue
+            assert f"| {path} |" in readme, path
+
+
+def test_glue_labels_and_texts():
+    rte = load_task("rte", "train", limit=2)
+    assert rte.texts[1][0] == "Weapons of Mass Destruction Found in Iraq."
+    assert rte.labels.tolist() == [1, 0]  # not_entailment, entailment
+    mrpc = load_task("mrpc", "dev", limit=1)
+    assert mrpc.texts[0][0].startswith("He said the foodservice pie")
+    cola = load_task("cola", "dev", limit=1)
+    assert cola.texts == ["The sailors rode the breeze clear of the rocks."]
+    stsb = load_task("stsb", "dev", limit=2)
+    np.testing.assert_allclose(stsb.labels, [5.0, 4.75])
+    assert get_task_spec("SST-2") is TASKS["sst2"]
+    assert TASKS["stsb"].num_classes == 1
+
+
+def test_conll_is_converted_to_iob2():
+    data = load_task("conll2003", "train", limit=2)
+    tags = [[data.spec.label_names[i] for i in s] for s in data.labels]
+    assert data.texts[0] == [
+        "EU", "rejects", "German", "call", "to", "boycott", "British",
+        "lamb", ".",
+    ]  # fmt: skip
+    assert tags[0] == [
+        "B-ORG", "O", "B-MISC", "O", "O", "O", "B-MISC", "O", "O",
+    ]  # fmt: skip
+    assert tags[1] == ["B-PER", "I-PER"]
+    assert iob1_to_iob2(["I-PER", "B-PER", "I-PER", "O", "I-LOC"]) == [
+        "B-PER", "B-PER", "I-PER", "O", "B-LOC",
+    ]  # fmt: skip
+
+
+def test_task_spec_scores():
+    assert TASKS["cola"].score([1, 0, 1, 1], [1, 0, 1, 1]) == {
+        "matthews_correlation": 1.0,
+        "accuracy": 1.0,
+    }
+    scores = TASKS["stsb"].score([1.0, 2.0, 3.0], [1.5, 2.5, 2.8])
+    assert list(scores) == ["pearson", "spearmanr"]
+    ner = TASKS["conll2003"]
+    scores = ner.score([np.array([1, 2, 0])], [np.array([1, 2, 0])])
+    assert scores == {
+        "f1": 1.0,
+        "precision": 1.0,
+        "recall": 1.0,
+        "accuracy": 1.0,
+    }
+    config = ner.to_config()
+    assert json.loads(json.dumps(config)) == config
+    assert type(ner).from_config(config) == ner
+
+
+def test_load_task_errors():
+    with pytest.raises(ValueError, match="Unknown task 'qnli'"):
+        load_task("qnli", "train")
+    with pytest.raises(ValueError, match="split"):
+        load_task("sst2", "test")
+    with pytest.raises(ValueError, match="limit"):
+        load_task("sst2", "train", limit=0)
+    with pytest.raises(ValueError, match="no such file"):
+        load_task("sst2", "train", data_dir="/nonexistent")
+
+
+# Users' files -----------------------------------------------------------
+
+
+def _write(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return str(path)
+
+
+def test_load_files_csv_tsv_jsonl(tmp_path):
+    train = _write(
+        tmp_path / "train.csv",
+        'review,rating\n"good, really",pos\nbad,neg\nfine,pos\n',
+    )
+    dev = _write(tmp_path / "dev.tsv", 'review\trating\n"quoted\tneg\n')
+    train_data, dev_data = load_files(train, dev, "review", "rating")
+    assert train_data.texts == ["good, really", "bad", "fine"]
+    assert train_data.spec.label_names == ("neg", "pos")
+    assert train_data.labels.tolist() == [1, 0, 1]
+    # TSV is read without quoting, like the GLUE files.
+    assert dev_data.texts == ['"quoted']
+    assert dev_data.spec.metrics == ("accuracy", "f1")
+    assert dev_data.spec.f1_average == "macro"
+
+    pairs = _write(
+        tmp_path / "pairs.jsonl",
+        '{"a": "x", "b": "y", "score": 1.5}\n\n{"a": "z", "b": "w", '
+        '"score": 3}\n',
+    )
+    train_data, dev_data = load_files(
+        pairs, pairs, "a", "score", text_pair_column="b", kind="regression"
+    )
+    assert train_data.texts == (["x", "z"], ["y", "w"])
+    np.testing.assert_allclose(dev_data.labels, [1.5, 3.0])
+    assert train_data.spec.metrics == ("pearson", "spearmanr")
+
+
+def test_numeric_labels_sort_as_numbers(tmp_path):
+    train = _write(tmp_path / "t.csv", "text,label\na,10\nb,9\nc,2\n")
+    train_data, _ = load_files(train, train, "text", "label")
+    assert train_data.spec.label_names == ("2", "9", "10")
+
+
+def test_load_files_errors(tmp_path):
+    good = _write(tmp_path / "good.csv", "text,label\na,x\nb,y\n")
+    empty = _write(tmp_path / "empty.csv", "text,label\n")
+    blank = _write(tmp_path / "blank.jsonl", "\n")
+    other = _write(tmp_path / "other.csv", "text,label\nc,z\n")
+    one_class = _write(tmp_path / "one.csv", "text,label\nc,x\n")
+    missing_label = _write(tmp_path / "missing.csv", "text,label\nc,\n")
+    cases = [
+        ((str(tmp_path / "nope.csv"), good), "nope.csv: no such file"),
+        ((empty, good), "empty.csv is empty"),
+        ((blank, good), "blank.jsonl is empty"),
+        ((good, other), "label 'z' is not one of the model's classes"),
+        ((one_class, good), "one class only"),
+        ((missing_label, good), "row 1: empty label column 'label'"),
+        ((_write(tmp_path / "x.parquet", "a"), good), "unknown file type"),
+    ]
+    for (train, dev), message in cases:
+        with pytest.raises(ValueError, match=message):
+            load_files(train, dev, "text", "label")
+    with pytest.raises(ValueError, match="has no text column 'body'"):
+        load_files(good, good, "body", "label")
+    with pytest.raises(ValueError, match="has no text pair column 'b'"):
+        load_files(good, good, "text", "label", text_pair_column="b")
+    with pytest.raises(ValueError, match="is not a number"):
+        load_files(good, good, "text", "label", kind="regression")
+    with pytest.raises(ValueError, match="label 'z'"):
+        load_files(None, other, "text", "label", label_names=["x", "y"])
+
+
+def test_read_conll_errors(tmp_path):
+    with pytest.raises(ValueError, match="has no sentences"):
+        read_conll(_write(tmp_path / "a.txt", "-DOCSTART- -X- O O\n\n"))
+    with pytest.raises(ValueError, match="line 1"):
+        read_conll(_write(tmp_path / "b.txt", "word\n"))
+
+
+def test_resolve_preset(tmp_path):
+    assert resolve_preset(None) == default_preset()
+    assert resolve_preset("bert_tiny_en_uncased") == "bert_tiny_en_uncased"
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_preset(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve_preset(str(tmp_path))
+
+
+# Tokenization with the default model's tokenizer ------------------------
+
+
+def test_encoder_single_and_pairs():
+    preset = default_preset()
+    sst2 = load_task("sst2", "dev", limit=5)
+    encoder = Encoder(sst2.spec, preset, sequence_length=16)
+    x, y = encoder.encode(sst2.texts, sst2.labels, batch_size=2)
+    assert set(x) == {"token_ids", "segment_ids", "padding_mask"}
+    assert x["token_ids"].shape == (5, 16)
+    assert x["token_ids"][0, 0] == 101  # [CLS]
+    assert y.tolist() == sst2.labels.tolist()
+
+    rte = load_task("rte", "dev", limit=3)
+    encoder = Encoder(rte.spec, preset, sequence_length=32)
+    x, _ = encoder.encode(rte.texts)
+    # Pairs go in as x=(a, b): the second text has segment id 1.
+    assert x["segment_ids"].max() == 1
+    assert x["token_ids"].shape == (3, 32)
+
+    logits = np.array([[0.1, 0.9], [2.0, -1.0], [0.0, 1.0]])
+    assert encoder.decode(logits, rte.texts).tolist() == [1, 0, 1]
+
+
+def test_encoder_token_classification():
+    data = load_task("conll2003", "train", limit=2)
+    encoder = Encoder(data.spec, default_preset(), sequence_length=8)
+    x, y = encoder.encode(data.texts, data.labels)
+    assert x["token_ids"].shape == y.shape == (2, 8)
+    # Sentence 0: [CLS] eu rejects german call to boycott [SEP]: one piece
+    # per word, the sequence cut after "boycott".
+    starts = encoder.word_starts(data.texts)
+    assert starts[0] == [1, 2, 3, 4, 5, 6, -1, -1, -1]
+    assert y[0].tolist() == [IGNORE] + data.labels[0][:6].tolist() + [IGNORE]
+    assert x["token_ids"][0, -1] == 102 and x["padding_mask"][0].all()
+    # Sentence 1 is padded; only the two word starts carry labels.
+    assert (y[1] != IGNORE).sum() == 2
+    # Cut-off words are predicted as tag 0 ("O").
+    outputs = np.zeros((2, 8, 9))
+    outputs[0, 1, 3] = 1.0
+    predictions = encoder.decode(outputs, data.texts)
+    assert predictions[0].tolist() == [3, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert len(predictions[1]) == 2
