@@ -342,4 +342,7 @@ class PretrainedTest(TestCase):
             "padding_mask": np.array([[1, 1, 1, 1, 0, 0]], "int32"),
         }
         merged = keras_bidora.merge(backbone)
-        self.assertAllClose(merged(x), backbone(x), atol=1e-5, rtol=0)
+        # Merging reassociates float32 sums: W'x against
+        # (m/||.||_c) * (W0 x + s B A x). Over six layers with outputs near
+        # 2.5 that moves the last digits (up to ~1.2e-5 seen on TensorFlow).
+        self.assertAllClose(merged(x), backbone(x), atol=1e-5, rtol=1e-5)
