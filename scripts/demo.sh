@@ -6,4 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export TF_CPP_MIN_LOG_LEVEL=3
-keras-bidora demo "$@"
+# `python -m` rather than the console script: a new script may not be on
+# PATH until the shell (or pyenv) rehashes.
+python -m keras_bidora demo "$@"
