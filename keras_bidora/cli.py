@@ -828,13 +828,22 @@ def _predict(keras, model, x, batch_size):
 
 
 def train_method(
-    keras, args, method, spec, preset, prepared, merge=True, log=print
+    keras,
+    args,
+    method,
+    spec,
+    preset,
+    prepared,
+    merge=True,
+    log=print,
+    callbacks=(),
 ):
     """Builds, trains, merges and scores one method.
 
     With `merge`, the dev metrics are those of the merged model (what
     `train` saves), and `merge_max_abs_difference` compares its outputs
     with the adapted model's; without, those of the adapted model.
+    `callbacks` are added to every `fit` (each phase of bidora).
 
     Returns:
         `(result, merged_model, adapter_saver)`: the metrics.json content,
@@ -922,7 +931,7 @@ def train_method(
             x_train,
             y_train,
             epochs=args.epochs,
-            callbacks=[recorder.callback("bilevel")],
+            callbacks=[recorder.callback("bilevel"), *callbacks],
             **fit_kwargs,
         )
         if args.retrain_epochs > 0:
@@ -935,7 +944,7 @@ def train_method(
                 y_train,
                 epochs=args.retrain_epochs,
                 reinitialize_direction=args.retrain_init == "reinitialize",
-                callbacks=[recorder.callback("retrain")],
+                callbacks=[recorder.callback("retrain"), *callbacks],
                 **fit_kwargs,
             )
     else:
@@ -953,7 +962,7 @@ def train_method(
             y_train,
             epochs=args.epochs,
             shuffle=True,
-            callbacks=[recorder.callback("train")],
+            callbacks=[recorder.callback("train"), *callbacks],
             **fit_kwargs,
         )
     train_time = time.perf_counter() - start

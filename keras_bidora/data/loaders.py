@@ -131,14 +131,32 @@ def load_task(name, split, limit=None, data_dir=None):
             )
         return TaskData(words, labels, spec, path)
 
-    folder, header, text_columns, label_column, raw_labels = _GLUE[spec.name]
-    path = os.path.join(root, "glue", folder, f"{split}.tsv")
+    _, header, text_columns, label_column, raw_labels = _GLUE[spec.name]
+    path = glue_path(spec.name, split, data_dir)
     rows = _read_glue_tsv(path, header)[:limit]
     texts = [[row[column] for row in rows] for column in text_columns]
     raw = [row[label_column] for row in rows]
     labels = _encode_labels(raw, raw_labels, path)
     texts = tuple(texts) if spec.pair else texts[0]
     return TaskData(texts, labels, spec, path)
+
+
+def glue_path(name, split, data_dir=None):
+    """The path of a GLUE task's split: `DIR/glue/<FOLDER>/<split>.tsv`.
+
+    Args:
+        name: a GLUE task's name, e.g. `"rte"`.
+        split: `"train"` or `"dev"`.
+        data_dir: the data folder; defaults to the shipped files.
+    """
+    if name not in _GLUE:
+        raise ValueError(
+            f"{name!r} is not a GLUE task; expected one of "
+            f"{', '.join(_GLUE)}. Received: name={name!r}"
+        )
+    _check_split(split)
+    root = FILES_DIR if data_dir is None else data_dir
+    return os.path.join(root, "glue", _GLUE[name][0], f"{split}.tsv")
 
 
 def _read_glue_tsv(path, header):

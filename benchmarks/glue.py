@@ -1,0 +1,747 @@
+"""LoRA vs DoRA vs BiDoRA on small GLUE tasks, over seeds, equal budgets.
+
+For each task (RTE, MRPC, CoLA, STS-B, and SST-2 at 1,000 training
+examples), method (LoRA on the matrix view, DoRA, BiDoRA) and seed, one
+run of `keras-bidora train`'s training code (`keras_bidora.cli.
+train_method`, its defaults unless set here) on the default model. Every
+method gets the same budget of epochs over the training data: LoRA and
+DoRA train `--epochs` epochs; BiDoRA trains `--epochs - 1` bi-level epochs
+(each on its 80% lower split, with upper steps on the other 20%) and one
+retrain epoch on all the data. The dev metric is computed after every
+epoch, with the training time so far (evaluation excluded), for the plot
+of dev metric against wall-clock time.
+
+`--study sensitivity` runs what the reviewers asked for on two tasks
+(RTE and MRPC by default): BiDoRA with `upper_fraction` 0.1 and 0.3 and
+`direction_regularization` 0 and 1e-3 (the main study's runs give 0.2 and
+1e-5), and every method on training subsets of 200 and 1,000 examples (a
+seeded subset per seed; the main study's runs give "all").
+
+Each finished run is appended to `OUT/runs.jsonl` at once, and runs
+already there are not run again, so an interrupted study resumes where it
+stopped. `--report` (also done at the end of every study) writes
+`OUT/glue.md`, `OUT/glue.png` and `OUT/sensitivity.md` from the runs on
+disk.
+
+Tokenization (which needs TensorFlow Text) is done once per task and
+cached in `--tokens` (default `OUT/tokens`); a study whose tokens are
+cached needs neither the data files nor TensorFlow, e.g. on an
+accelerator machine.
+
+Usage:
+
+    # The study as committed (full GLUE training sets from ../shared/data):
+    python benchmarks/glue.py --data-dir ../shared/data
+    # Only write the tables and the plot from the runs on disk:
+    python benchmarks/glue.py --report
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+if __name__ == "__main__":
+    # Keras reads KERAS_BACKEND once, when first imported (keras_bidora
+    # imports it): set it from --backend before that.
+    _early = argparse.ArgumentParser(add_help=False)
+    _early.add_argument("--backend", default="jax")
+    os.environ["KERAS_BACKEND"] = _early.parse_known_args()[0].backend
+
+from keras_bidora import cli  # noqa: E402
+from keras_bidora.data import loaders  # noqa: E402
+from keras_bidora.data import preprocessing  # noqa: E402
+from keras_bidora.data import task_spec as task_spec_lib  # noqa: E402
+
+TASKS = ("rte", "mrpc", "cola", "stsb", "sst2")
+SENSITIVITY_TASKS = ("rte", "mrpc")
+METHODS = ("lora", "dora", "bidora")
+METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "bidora": "BiDoRA"}
+# SST-2 is not small: the study takes its first 1,000 training examples.
+TRAIN_LIMITS = {"sst2": 1000}
+UPPER_FRACTIONS = (0.1, 0.3)
+DIRECTION_REGULARIZATIONS = (0.0, 1e-3)
+TRAIN_SIZES = (200, 1000)
+DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "glue")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", default=DEFAULT_OUT, help="results folder")
+    parser.add_argument(
+        "--study",
+        choices=("main", "sensitivity", "all"),
+        default="all",
+        help="which runs (main first, then sensitivity)",
+    )
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS)
+    parser.add_argument(
+        "--sensitivity-tasks",
+        nargs="+",
+        choices=TASKS,
+        default=SENSITIVITY_TASKS,
+    )
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=METHODS
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=(0, 1, 2))
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=3,
+        help="epoch budget of every method; BiDoRA: EPOCHS-1 bi-level "
+        "epochs and 1 retrain epoch (3)",
+    )
+    parser.add_argument(
+        "--train-option",
+        action="append",
+        default=[],
+        metavar="FLAG=VALUE",
+        help="a `keras-bidora train` option for every run, e.g. "
+        "--train-option=--hypergradient=first_order (repeatable)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        help="folder with the full data (glue/<TASK>/{train,dev}.tsv); "
+        "default: the small subsets shipped with keras_bidora",
+    )
+    parser.add_argument(
+        "--tokens",
+        help="tokenized-data cache (default OUT/tokens); cached tasks need "
+        "neither the data files nor TensorFlow",
+    )
+    parser.add_argument("--preset", help="model (default: offline MiniLM)")
+    parser.add_argument(
+        "--backend", choices=cli.BACKENDS, default="jax", help="(jax)"
+    )
+    parser.add_argument(
+        "--jax-compilation-cache",
+        metavar="DIR",
+        help="JAX's persistent compilation cache: runs of the same shapes "
+        "(other seeds) then skip compilation",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="use only the first N train and dev examples of each task (a "
+        "quick check of the script, not a result)",
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=float,
+        metavar="SECONDS",
+        help="start no new run after this many seconds",
+    )
+    parser.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only tokenize the tasks into the cache, then stop",
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="only write the tables and plot from OUT/runs.jsonl",
+    )
+    args = parser.parse_args(argv)
+    if args.epochs < 2:
+        parser.error(f"--epochs must be >= 2. Received: {args.epochs}")
+    if args.limit and os.path.abspath(args.out) == DEFAULT_OUT:
+        parser.error(
+            "--limit runs are checks, not results: give them another --out"
+        )
+    args.tokens = args.tokens or os.path.join(args.out, "tokens")
+    return args
+
+
+# Runs -------------------------------------------------------------------
+
+
+def planned_runs(args):
+    """The runs of the chosen study, seed-major (a stopped study has all
+    methods of its first seeds)."""
+    runs = []
+    if args.study in ("main", "all"):
+        for seed in args.seeds:
+            for task in args.tasks:
+                for method in args.methods:
+                    runs.append(_run(task, method, seed))
+    if args.study in ("sensitivity", "all"):
+        for seed in args.seeds:
+            for task in args.sensitivity_tasks:
+                if "bidora" in args.methods:
+                    for value in UPPER_FRACTIONS:
+                        runs.append(
+                            _run(task, "bidora", seed, upper_fraction=value)
+                        )
+                    for value in DIRECTION_REGULARIZATIONS:
+                        runs.append(
+                            _run(
+                                task,
+                                "bidora",
+                                seed,
+                                direction_regularization=value,
+                            )
+                        )
+                for size in TRAIN_SIZES:
+                    for method in args.methods:
+                        runs.append(_run(task, method, seed, train_size=size))
+    return runs
+
+
+def _run(task, method, seed, **changes):
+    return {"task": task, "method": method, "seed": seed, "changes": changes}
+
+
+def run_key(run):
+    return json.dumps(
+        [run["task"], run["method"], run["seed"], run["changes"]],
+        sort_keys=True,
+    )
+
+
+def read_runs(path):
+    """Finished runs in `path`; a last line cut short by a kill is
+    ignored."""
+    runs = {}
+    if not os.path.exists(path):
+        return runs
+    with open(path) as file:
+        for line in file:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            runs[run_key(record)] = record
+    return runs
+
+
+def append_run(path, record):
+    line = json.dumps(record, sort_keys=True)
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb") as file:
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) != b"\n":
+                line = "\n" + line  # after a line cut short by a kill
+    with open(path, "a") as file:
+        file.write(line + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+
+
+# Data -------------------------------------------------------------------
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class CachedEncoder:
+    """What `train_method` needs of an `Encoder`, without a tokenizer."""
+
+    decode = preprocessing.Encoder.decode
+
+    def __init__(self, spec, sequence_length):
+        self.spec = spec
+        self.sequence_length = sequence_length
+
+
+class CachedDev:
+    def __init__(self, labels):
+        self.labels = labels
+        self.texts = None  # only token classification decodes with texts
+
+
+class Prepared:
+    """A task's tokenized train and dev data (as `cli.Prepared`)."""
+
+    def __init__(self, spec, arrays, meta, indices=None):
+        self.spec = spec
+        self.meta = meta
+        x_train = {
+            key[len("train_") :]: value
+            for key, value in arrays.items()
+            if key.startswith("train_") and key != "train_labels"
+        }
+        y_train = arrays["train_labels"]
+        if indices is not None:
+            x_train = {key: value[indices] for key, value in x_train.items()}
+            y_train = y_train[indices]
+        self.x_train, self.y_train = x_train, y_train
+        self.x_dev = {
+            key[len("dev_") :]: value
+            for key, value in arrays.items()
+            if key.startswith("dev_") and key != "dev_labels"
+        }
+        self.y_dev = arrays["dev_labels"]
+        labels = self.y_dev.tolist()
+        self.dev = CachedDev(labels)
+        self.encoder = CachedEncoder(spec, meta["sequence_length"])
+
+    def __len__(self):
+        return len(self.y_train)
+
+
+def _sequence_length(task):
+    return cli.DEFAULT_SEQUENCE_LENGTHS.get(task, cli.DEFAULT_SEQUENCE_LENGTH)
+
+
+def tokens(args, task, preset, log=print):
+    """The task's tokenized data: `(arrays, meta)`, cached in `--tokens`."""
+    path = os.path.join(args.tokens, f"{task}.npz")
+    meta_path = os.path.join(args.tokens, f"{task}.json")
+    if os.path.exists(path) and os.path.exists(meta_path):
+        with open(meta_path) as file:
+            meta = json.load(file)
+        expected = _data_files(args, task)
+        if expected is not None and meta["files"] != expected:
+            raise ValueError(
+                f"The cached tokens {path} were made from other data files "
+                f"({meta['files']}) than --data-dir gives ({expected}); "
+                "remove the cache or use another --tokens folder."
+            )
+        with np.load(path) as arrays:
+            return dict(arrays), meta
+    files = _data_files(args, task)
+    if files is None:
+        raise ValueError(
+            f"No cached tokens for {task} in {args.tokens}, and no data "
+            f"files to make them from (--data-dir {args.data_dir})."
+        )
+    limit = TRAIN_LIMITS.get(task)
+    train = loaders.load_task(task, "train", limit, args.data_dir)
+    dev = loaders.load_task(task, "dev", None, args.data_dir)
+    length = _sequence_length(task)
+    start = time.perf_counter()
+    encoder = preprocessing.Encoder(train.spec, preset, length)
+    x_train, y_train = encoder.encode(train.texts, train.labels)
+    x_dev, y_dev = encoder.encode(dev.texts, dev.labels)
+    arrays = {f"train_{key}": value for key, value in x_train.items()}
+    arrays.update({f"dev_{key}": value for key, value in x_dev.items()})
+    arrays["train_labels"] = y_train
+    arrays["dev_labels"] = y_dev
+    meta = {
+        "task": task,
+        "sequence_length": length,
+        "train_examples": len(train),
+        "train_limit": limit,
+        "dev_examples": len(dev),
+        "files": files,
+        "tokenizer": os.path.basename(os.path.normpath(str(preset))),
+    }
+    os.makedirs(args.tokens, exist_ok=True)
+    _write_atomic(path, lambda f: np.savez_compressed(f, **arrays), "wb")
+    _write_atomic(meta_path, lambda f: json.dump(meta, f, indent=1), "w")
+    log(
+        f"Tokenized {task}: {len(train)} train, {len(dev)} dev examples, "
+        f"{length} tokens, in {time.perf_counter() - start:.0f}s"
+    )
+    return arrays, meta
+
+
+def _data_files(args, task):
+    """`{file name: sha256}` of the task's data files, None if absent."""
+    base = args.data_dir or loaders.FILES_DIR
+    paths = [loaders.glue_path(task, s, base) for s in loaders.SPLITS]
+    if not all(os.path.exists(p) for p in paths):
+        return None
+    return {os.path.relpath(p, base): _sha256(p) for p in paths}
+
+
+def _write_atomic(path, write, mode):
+    partial = f"{path}.partial"
+    with open(partial, mode) as file:
+        write(file)
+    os.replace(partial, path)
+
+
+# Training ---------------------------------------------------------------
+
+
+def _train_argv(args, run, epochs, retrain_epochs):
+    argv = [
+        "train",
+        "--task",
+        run["task"],
+        "--method",
+        run["method"],
+        "--out",
+        os.devnull,
+        "--seed",
+        str(run["seed"]),
+        "--epochs",
+        str(epochs),
+        "--retrain-epochs",
+        str(retrain_epochs),
+        "--no-validation",
+        "--verbose",
+        "0",
+    ]
+    changes = run["changes"]
+    if "upper_fraction" in changes:
+        argv += ["--upper-fraction", str(changes["upper_fraction"])]
+    if "direction_regularization" in changes:
+        argv += [
+            "--direction-regularization",
+            str(changes["direction_regularization"]),
+        ]
+    return argv + list(args.train_option)
+
+
+def _dev_curve_callback(keras, prepared, spec, batch_size, points):
+    """After each epoch: the dev metric and the training time so far."""
+
+    class DevCurve(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds = time.perf_counter() - self.start
+            previous = points[-1]["train_s"] if points else 0.0
+            outputs = keras.Model.predict(
+                self.model, prepared.x_dev, batch_size=batch_size, verbose=0
+            )
+            predictions = prepared.encoder.decode(outputs, None)
+            scores = spec.score(prepared.dev.labels, predictions)
+            points.append({"train_s": previous + seconds, "dev": scores})
+
+    return DevCurve()
+
+
+def train_one(keras, args, run, arrays, meta, preset):
+    spec = task_spec_lib.get_task_spec(run["task"])
+    indices = None
+    size = run["changes"].get("train_size")
+    total = len(arrays["train_labels"])
+    if size is not None and size < total:
+        # The same subset for every method at a seed, another per seed.
+        rng = np.random.default_rng(1000 + run["seed"])
+        indices = np.sort(rng.permutation(total)[:size])
+    prepared = Prepared(spec, arrays, meta, indices)
+    if run["method"] == "bidora":
+        epochs, retrain_epochs = args.epochs - 1, 1
+    else:
+        epochs, retrain_epochs = args.epochs, 0
+    argv = _train_argv(args, run, epochs, retrain_epochs)
+    train_args = cli.build_parser().parse_args(argv)
+    points = []
+    callback = _dev_curve_callback(
+        keras, prepared, spec, train_args.batch_size, points
+    )
+    start = time.perf_counter()
+    result, _, _ = cli.train_method(
+        keras,
+        train_args,
+        run["method"],
+        spec,
+        preset,
+        prepared,
+        merge=False,
+        log=lambda message: None,
+        callbacks=[callback],
+    )
+    record = dict(run)
+    record.update(
+        {
+            "dev": result["dev"],
+            "main_metric": spec.main_metric,
+            "curve": points,
+            "train_s": points[-1]["train_s"],
+            "wall_s": time.perf_counter() - start,
+            "steps": result["steps"],
+            "train_examples": len(prepared),
+            "dev_examples": len(prepared.y_dev),
+            "sequence_length": meta["sequence_length"],
+            "data_files": meta["files"],
+            "parameters": result["parameters"],
+            "train_argv": argv,
+            "backend": keras.config.backend(),
+        }
+    )
+    return record
+
+
+def _device(keras):
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        return str(jax.devices()[0].device_kind)
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_logical_devices("GPU")
+        if gpus:
+            return gpus[0].name
+    return "cpu"
+
+
+def run_study(args):
+    os.makedirs(args.out, exist_ok=True)
+    preset = cli.preprocessing.resolve_preset(args.preset)
+    runs_path = os.path.join(args.out, "runs.jsonl")
+    tasks = sorted(
+        set(args.tasks if args.study != "sensitivity" else ())
+        | set(args.sensitivity_tasks if args.study != "main" else ())
+    )
+    data = {task: tokens(args, task, preset) for task in tasks}
+    if args.limit:
+        data = {
+            task: ({k: v[: args.limit] for k, v in arrays.items()}, meta)
+            for task, (arrays, meta) in data.items()
+        }
+    if args.prepare:
+        return 0
+    if args.jax_compilation_cache and args.backend == "jax":
+        import jax
+
+        jax.config.update(
+            "jax_compilation_cache_dir", args.jax_compilation_cache
+        )
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    keras = cli._use_backend(args.backend)
+    device = _device(keras)
+    done = read_runs(runs_path)
+    todo = [run for run in planned_runs(args) if run_key(run) not in done]
+    print(
+        f"{len(done)} runs on disk, {len(todo)} to run, backend "
+        f"{args.backend} on {device}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    for number, run in enumerate(todo, 1):
+        if args.stop_after and time.perf_counter() - start > args.stop_after:
+            print(f"Stopped after {args.stop_after:.0f}s (--stop-after)")
+            break
+        arrays, meta = data[run["task"]]
+        record = train_one(keras, args, run, arrays, meta, preset)
+        record["device"] = device
+        record["limit"] = args.limit
+        record["command"] = " ".join(sys.argv)
+        append_run(runs_path, record)
+        value = record["dev"][record["main_metric"]]
+        print(
+            f"[{number}/{len(todo)}] {run['task']} {run['method']} seed "
+            f"{run['seed']} {run['changes'] or ''}: {record['main_metric']} "
+            f"{value:.4f}, train {record['train_s']:.1f}s",
+            flush=True,
+        )
+    write_report(args)
+    return 0
+
+
+# Report -----------------------------------------------------------------
+
+
+def _mean_sd(values):
+    if not values:
+        return None
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return mean, sd
+
+
+def _fmt(pair, scale=100.0, digits=1):
+    if pair is None:
+        return "n/a"
+    mean, sd = pair
+    if math.isnan(sd):
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {sd * scale:.{digits}f}"
+
+
+def _median_time(runs):
+    if not runs:
+        return "n/a"
+    return f"{statistics.median(r['train_s'] for r in runs.values()):.0f}"
+
+
+def _metric(record):
+    return record["dev"][record["main_metric"]]
+
+
+def _select(records, task, method, **changes):
+    return {
+        r["seed"]: r
+        for r in records
+        if r["task"] == task
+        and r["method"] == method
+        and r["changes"] == changes
+    }
+
+
+def main_table(records, tasks):
+    header = (
+        "| task (metric x100) | LoRA | DoRA | BiDoRA | BiDoRA - DoRA "
+        "(paired) | seeds | train time per run, s (LoRA / DoRA / BiDoRA) |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        cells = {m: _select(records, task, m) for m in METHODS}
+        if not any(cells.values()):
+            continue
+        metric = next(iter(next(c for c in cells.values() if c).values()))
+        metric = metric["main_metric"]
+        values = {
+            m: _mean_sd([_metric(r) for r in cells[m].values()])
+            for m in METHODS
+        }
+        paired = sorted(set(cells["dora"]) & set(cells["bidora"]))
+        diff = _mean_sd(
+            [
+                _metric(cells["bidora"][s]) - _metric(cells["dora"][s])
+                for s in paired
+            ]
+        )
+        times = " / ".join(_median_time(cells[m]) for m in METHODS)
+        seeds = sorted({s for c in cells.values() for s in c})
+        lines.append(
+            f"| {task} ({metric}) | {_fmt(values['lora'])} | "
+            f"{_fmt(values['dora'])} | {_fmt(values['bidora'])} | "
+            f"{_fmt(diff)} | {','.join(map(str, seeds))} | {times} |"
+        )
+    return "\n".join(lines)
+
+
+def sensitivity_table(records, tasks):
+    lines = [
+        "| task | setting | LoRA | DoRA | BiDoRA | BiDoRA - DoRA (paired) "
+        "| seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    settings = [("upper_fraction", v) for v in (0.1, 0.2, 0.3)]
+    settings += [("direction_regularization", v) for v in (0.0, 1e-5, 1e-3)]
+    settings += [("train_size", v) for v in (*TRAIN_SIZES, "all")]
+    defaults = {"upper_fraction": 0.2, "direction_regularization": 1e-5}
+    varied = {r["task"] for r in records if r["changes"]}
+    for task in [t for t in tasks if t in varied]:
+        for name, value in settings:
+            is_default = defaults.get(name) == value or value == "all"
+            changes = {} if is_default else {name: value}
+            cells = {m: _select(records, task, m, **changes) for m in METHODS}
+            if not cells["bidora"]:
+                continue
+            if name != "train_size" and not is_default:
+                cells["lora"] = cells["dora"] = {}
+            values = {
+                m: _mean_sd([_metric(r) for r in cells[m].values()])
+                for m in METHODS
+            }
+            paired = sorted(set(cells["dora"]) & set(cells["bidora"]))
+            diff = _mean_sd(
+                [
+                    _metric(cells["bidora"][s]) - _metric(cells["dora"][s])
+                    for s in paired
+                ]
+            )
+            metric = next(iter(cells["bidora"].values()))["main_metric"]
+            seeds = sorted(cells["bidora"])
+            lines.append(
+                f"| {task} ({metric}) | {name}={value} | "
+                f"{_fmt(values['lora'])} | {_fmt(values['dora'])} | "
+                f"{_fmt(values['bidora'])} | {_fmt(diff)} | "
+                f"{','.join(map(str, seeds))} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(records, tasks, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in tasks if any(_select(records, t, m) for m in METHODS)]
+    if not tasks:
+        return False
+    figure, axes = plt.subplots(
+        1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False
+    )
+    for axis, task in zip(axes[0], tasks):
+        for method in METHODS:
+            runs = list(_select(records, task, method).values())
+            if not runs:
+                continue
+            metric = runs[0]["main_metric"]
+            length = min(len(r["curve"]) for r in runs)
+            seconds = [
+                statistics.fmean(r["curve"][i]["train_s"] for r in runs)
+                for i in range(length)
+            ]
+            values = [
+                [100 * r["curve"][i]["dev"][metric] for r in runs]
+                for i in range(length)
+            ]
+            means = [statistics.fmean(v) for v in values]
+            low = [min(v) for v in values]
+            high = [max(v) for v in values]
+            axis.plot(seconds, means, marker="o", label=METHOD_NAMES[method])
+            axis.fill_between(seconds, low, high, alpha=0.15)
+        axis.set_title(f"{task} ({metric})")
+        axis.set_xlabel("training time (s)")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("dev metric x100 (mean, range over seeds)")
+    axes[0][-1].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def write_report(args):
+    records = list(read_runs(os.path.join(args.out, "runs.jsonl")).values())
+    if not records:
+        print(f"No runs in {args.out}/runs.jsonl yet")
+        return
+    devices = sorted({r.get("device", "?") for r in records})
+    backends = sorted({r["backend"] for r in records})
+    header = (
+        f"{len(records)} runs, backend {', '.join(backends)} on "
+        f"{', '.join(devices)}. Dev metric x100, mean ± standard deviation "
+        "over seeds; BiDoRA - DoRA is the mean and standard deviation of "
+        "the per-seed differences; training time excludes the per-epoch "
+        "dev evaluations (median over seeds; a shape's first run includes "
+        "compilation).\n\n"
+    )
+    with open(os.path.join(args.out, "glue.md"), "w") as file:
+        file.write(header + main_table(records, TASKS) + "\n")
+    with open(os.path.join(args.out, "sensitivity.md"), "w") as file:
+        file.write(header + sensitivity_table(records, TASKS) + "\n")
+    plot(records, TASKS, os.path.join(args.out, "glue.png"))
+    print(main_table(records, TASKS))
+    print()
+    print(sensitivity_table(records, TASKS))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.report:
+        write_report(args)
+        return 0
+    return run_study(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
