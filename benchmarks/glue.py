@@ -12,10 +12,12 @@ epoch, with the training time so far (evaluation excluded), for the plot
 of dev metric against wall-clock time.
 
 `--study sensitivity` runs what the reviewers asked for on two tasks
-(RTE and MRPC by default): BiDoRA with `upper_fraction` 0.1 and 0.3 and
-`direction_regularization` 0 and 1e-3 (the main study's runs give 0.2 and
-1e-5), and every method on training subsets of 200 and 1,000 examples (a
-seeded subset per seed; the main study's runs give "all").
+(RTE and MRPC by default): BiDoRA with `upper_fraction` 0.1 and 0.3,
+`direction_regularization` 0 and 1e-3, the `first_order` hypergradient and
+`upper_every=4` (the main study's runs give 0.2, 1e-5, darts and 1), one
+setting changed at a time, and every method on training subsets of 200 and
+1,000 examples (a seeded subset per seed; the main study's runs give
+"all").
 
 Each finished run is appended to `OUT/runs.jsonl` at once, and runs
 already there are not run again, so an interrupted study resumes where it
@@ -68,8 +70,21 @@ METHODS = ("lora", "dora", "bidora")
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "bidora": "BiDoRA"}
 # SST-2 is not small: the study takes its first 1,000 training examples.
 TRAIN_LIMITS = {"sst2": 1000}
-UPPER_FRACTIONS = (0.1, 0.3)
-DIRECTION_REGULARIZATIONS = (0.0, 1e-3)
+# BiDoRA's settings varied one at a time, and the main study's values.
+# The hypergradient and upper_every rows say what the cheaper settings
+# cost in accuracy (their speed: speed.py).
+VARIED = {
+    "upper_fraction": (0.1, 0.3),
+    "direction_regularization": (0.0, 1e-3),
+    "hypergradient": ("first_order",),
+    "upper_every": (4,),
+}
+DEFAULTS = {
+    "upper_fraction": 0.2,
+    "direction_regularization": 1e-5,
+    "hypergradient": "darts",
+    "upper_every": 1,
+}
 TRAIN_SIZES = (200, 1000)
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "glue")
 
@@ -92,6 +107,14 @@ def parse_args(argv=None):
         nargs="+",
         choices=TASKS,
         default=SENSITIVITY_TASKS,
+    )
+    parser.add_argument(
+        "--vary",
+        nargs="+",
+        choices=(*VARIED, "train_size"),
+        default=(*VARIED, "train_size"),
+        help="the settings the sensitivity study varies, in this order "
+        "(default: all)",
     )
     parser.add_argument(
         "--methods", nargs="+", choices=METHODS, default=METHODS
@@ -181,23 +204,18 @@ def planned_runs(args):
     if args.study in ("sensitivity", "all"):
         for seed in args.seeds:
             for task in args.sensitivity_tasks:
-                if "bidora" in args.methods:
-                    for value in UPPER_FRACTIONS:
-                        runs.append(
-                            _run(task, "bidora", seed, upper_fraction=value)
-                        )
-                    for value in DIRECTION_REGULARIZATIONS:
-                        runs.append(
-                            _run(
-                                task,
-                                "bidora",
-                                seed,
-                                direction_regularization=value,
-                            )
-                        )
-                for size in TRAIN_SIZES:
-                    for method in args.methods:
-                        runs.append(_run(task, method, seed, train_size=size))
+                for name in args.vary:
+                    if name == "train_size":
+                        runs += [
+                            _run(task, method, seed, train_size=size)
+                            for size in TRAIN_SIZES
+                            for method in args.methods
+                        ]
+                    elif "bidora" in args.methods:
+                        runs += [
+                            _run(task, "bidora", seed, **{name: value})
+                            for value in VARIED[name]
+                        ]
     return runs
 
 
@@ -393,14 +411,9 @@ def _train_argv(args, run, epochs, retrain_epochs):
         "--verbose",
         "0",
     ]
-    changes = run["changes"]
-    if "upper_fraction" in changes:
-        argv += ["--upper-fraction", str(changes["upper_fraction"])]
-    if "direction_regularization" in changes:
-        argv += [
-            "--direction-regularization",
-            str(changes["direction_regularization"]),
-        ]
+    for name, value in run["changes"].items():
+        if name in VARIED:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
     return argv + list(args.train_option)
 
 
@@ -524,7 +537,14 @@ def run_study(args):
     keras = cli._use_backend(args.backend)
     device = _device(keras)
     done = read_runs(runs_path)
-    todo = [run for run in planned_runs(args) if run_key(run) not in done]
+    todo = [
+        run
+        for run in planned_runs(args)
+        if run_key(run) not in done
+        # A subset as large as the training set is the main study's run.
+        and run["changes"].get("train_size", 0)
+        < len(data[run["task"]][0]["train_labels"])
+    ]
     print(
         f"{len(done)} runs on disk, {len(todo)} to run, backend "
         f"{args.backend} on {device}",
@@ -572,10 +592,12 @@ def _fmt(pair, scale=100.0, digits=1):
     return f"{mean * scale:.{digits}f} ± {sd * scale:.{digits}f}"
 
 
-def _median_time(runs):
+def _fastest(runs):
+    # The fastest seed: on JAX with a compilation cache, the first run of
+    # each shape also pays for compiling.
     if not runs:
         return "n/a"
-    return f"{statistics.median(r['train_s'] for r in runs.values()):.0f}"
+    return f"{min(r['train_s'] for r in runs.values()):.0f}"
 
 
 def _metric(record):
@@ -592,49 +614,64 @@ def _select(records, task, method, **changes):
     }
 
 
+def _paired_difference(cells):
+    """BiDoRA - DoRA per common seed: `((mean, sd), number of seeds)`."""
+    paired = sorted(set(cells["dora"]) & set(cells["bidora"]))
+    differences = [
+        _metric(cells["bidora"][s]) - _metric(cells["dora"][s]) for s in paired
+    ]
+    return _mean_sd(differences), len(paired)
+
+
+def _where(runs):
+    """The devices of `runs`, and whether the weights were float16."""
+    devices = sorted({r.get("device", "?") for r in runs})
+    if any("minilm-fp16" in r.get("command", "") for r in runs):
+        devices.append("float16-rounded weights")
+    return ", ".join(devices)
+
+
 def main_table(records, tasks):
-    header = (
+    lines = [
         "| task (metric x100) | LoRA | DoRA | BiDoRA | BiDoRA - DoRA "
-        "(paired) | seeds | train time per run, s (LoRA / DoRA / BiDoRA) |"
-    )
-    lines = [header, "|---|---|---|---|---|---|---|"]
+        "(paired seeds) | runs (LoRA / DoRA / BiDoRA) | fastest run's "
+        "training time, s (LoRA / DoRA / BiDoRA) | where |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for task in tasks:
         cells = {m: _select(records, task, m) for m in METHODS}
-        if not any(cells.values()):
+        runs = [r for c in cells.values() for r in c.values()]
+        if not runs:
             continue
-        metric = next(iter(next(c for c in cells.values() if c).values()))
-        metric = metric["main_metric"]
         values = {
             m: _mean_sd([_metric(r) for r in cells[m].values()])
             for m in METHODS
         }
-        paired = sorted(set(cells["dora"]) & set(cells["bidora"]))
-        diff = _mean_sd(
-            [
-                _metric(cells["bidora"][s]) - _metric(cells["dora"][s])
-                for s in paired
-            ]
-        )
-        times = " / ".join(_median_time(cells[m]) for m in METHODS)
-        seeds = sorted({s for c in cells.values() for s in c})
+        difference, paired = _paired_difference(cells)
+        counts = " / ".join(str(len(cells[m])) for m in METHODS)
+        times = " / ".join(_fastest(cells[m]) for m in METHODS)
         lines.append(
-            f"| {task} ({metric}) | {_fmt(values['lora'])} | "
-            f"{_fmt(values['dora'])} | {_fmt(values['bidora'])} | "
-            f"{_fmt(diff)} | {','.join(map(str, seeds))} | {times} |"
+            f"| {task} ({runs[0]['main_metric']}) | {_fmt(values['lora'])} "
+            f"| {_fmt(values['dora'])} | {_fmt(values['bidora'])} | "
+            f"{_fmt(difference)} ({paired}) | {counts} | {times} | "
+            f"{_where(runs)} |"
         )
     return "\n".join(lines)
 
 
 def sensitivity_table(records, tasks):
     lines = [
-        "| task | setting | LoRA | DoRA | BiDoRA | BiDoRA - DoRA (paired) "
-        "| seeds |",
+        "| task | setting | LoRA | DoRA | BiDoRA | BiDoRA - DoRA (paired "
+        "seeds) | BiDoRA's seeds |",
         "|---|---|---|---|---|---|---|",
     ]
-    settings = [("upper_fraction", v) for v in (0.1, 0.2, 0.3)]
-    settings += [("direction_regularization", v) for v in (0.0, 1e-5, 1e-3)]
+    settings = [
+        (name, value)
+        for name, values in VARIED.items()
+        for value in (DEFAULTS[name], *values)
+    ]
     settings += [("train_size", v) for v in (*TRAIN_SIZES, "all")]
-    defaults = {"upper_fraction": 0.2, "direction_regularization": 1e-5}
+    defaults = DEFAULTS
     varied = {r["task"] for r in records if r["changes"]}
     for task in [t for t in tasks if t in varied]:
         for name, value in settings:
@@ -643,25 +680,21 @@ def sensitivity_table(records, tasks):
             cells = {m: _select(records, task, m, **changes) for m in METHODS}
             if not cells["bidora"]:
                 continue
-            if name != "train_size" and not is_default:
-                cells["lora"] = cells["dora"] = {}
+            if name != "train_size":
+                # BiDoRA's own settings: LoRA and DoRA at theirs.
+                cells["lora"] = _select(records, task, "lora")
+                cells["dora"] = _select(records, task, "dora")
             values = {
                 m: _mean_sd([_metric(r) for r in cells[m].values()])
                 for m in METHODS
             }
-            paired = sorted(set(cells["dora"]) & set(cells["bidora"]))
-            diff = _mean_sd(
-                [
-                    _metric(cells["bidora"][s]) - _metric(cells["dora"][s])
-                    for s in paired
-                ]
-            )
+            difference, paired = _paired_difference(cells)
             metric = next(iter(cells["bidora"].values()))["main_metric"]
             seeds = sorted(cells["bidora"])
             lines.append(
                 f"| {task} ({metric}) | {name}={value} | "
                 f"{_fmt(values['lora'])} | {_fmt(values['dora'])} | "
-                f"{_fmt(values['bidora'])} | {_fmt(diff)} | "
+                f"{_fmt(values['bidora'])} | {_fmt(difference)} ({paired}) | "
                 f"{','.join(map(str, seeds))} |"
             )
     return "\n".join(lines)
@@ -728,7 +761,14 @@ def write_report(args):
     with open(os.path.join(args.out, "glue.md"), "w") as file:
         file.write(header + main_table(records, TASKS) + "\n")
     with open(os.path.join(args.out, "sensitivity.md"), "w") as file:
-        file.write(header + sensitivity_table(records, TASKS) + "\n")
+        file.write(
+            header + "BiDoRA's settings change one at a time (the others "
+            "as in the main study); LoRA and DoRA are the main study's runs "
+            "except in the train_size rows, where every method trains on "
+            "the same seeded subset.\n\n"
+            + sensitivity_table(records, TASKS)
+            + "\n"
+        )
     plot(records, TASKS, os.path.join(args.out, "glue.png"))
     print(main_table(records, TASKS))
     print()

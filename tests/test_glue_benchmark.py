@@ -1,0 +1,230 @@
+"""Tests of `benchmarks/glue.py`: its plan, resumption and report.
+
+The report's statistics are checked against NumPy on synthetic runs; a
+real (tiny) study runs the script as documented, in a subprocess on the
+outer run's backend, and its second invocation must recompute nothing.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from tests.test_case import TestCase
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "glue.py")
+
+
+def _load_glue():
+    spec = importlib.util.spec_from_file_location("glue_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+glue = _load_glue()
+
+
+def _record(task, method, seed, value, changes=None, metric="accuracy"):
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "changes": changes or {},
+        "dev": {metric: value},
+        "main_metric": metric,
+        "curve": [
+            {"train_s": 1.0 + seed, "dev": {metric: value / 2}},
+            {"train_s": 2.0 + seed, "dev": {metric: value}},
+        ],
+        "train_s": 2.0 + seed,
+        "backend": "jax",
+    }
+
+
+class GlueBenchmarkTest(TestCase):
+    def test_plan_is_seed_major_and_complete(self):
+        args = glue.parse_args(["--out", self.get_temp_dir()])
+        runs = glue.planned_runs(args)
+        main = [r for r in runs if not r["changes"]]
+        # 5 tasks x 3 methods x 3 seeds, then per seed and sensitivity
+        # task: 2 upper fractions, 2 regularizations, first_order,
+        # upper_every=4, and 2 sizes x 3 methods.
+        self.assertLen(main, 45)
+        self.assertLen(runs, 45 + 3 * 2 * (2 + 2 + 1 + 1 + 2 * 3))
+        self.assertEqual([r["seed"] for r in main[:15]], [0] * 15)
+        keys = [glue.run_key(r) for r in runs]
+        self.assertLen(set(keys), len(keys))
+
+    def test_vary_picks_and_orders_the_sensitivity_settings(self):
+        args = glue.parse_args(
+            [
+                "--out",
+                self.get_temp_dir(),
+                "--study",
+                "sensitivity",
+                "--sensitivity-tasks",
+                "sst2",
+                "--seeds",
+                "4",
+                "--vary",
+                "upper_every",
+                "hypergradient",
+            ]
+        )
+        runs = glue.planned_runs(args)
+        self.assertEqual(
+            [(r["task"], r["method"], r["seed"], r["changes"]) for r in runs],
+            [
+                ("sst2", "bidora", 4, {"upper_every": 4}),
+                ("sst2", "bidora", 4, {"hypergradient": "first_order"}),
+            ],
+        )
+        argv = glue._train_argv(args, runs[0], 2, 1)
+        self.assertEqual(argv[argv.index("--upper-every") + 1], "4")
+
+    def test_resumes_from_runs_on_disk_after_a_cut_line(self):
+        path = os.path.join(self.get_temp_dir(), "runs.jsonl")
+        first = _record("rte", "lora", 0, 0.5)
+        glue.append_run(path, first)
+        with open(path, "a") as file:
+            file.write('{"task": "rte", "meth')  # a run killed mid-write
+        second = _record("rte", "dora", 0, 0.6)
+        glue.append_run(path, second)
+        runs = glue.read_runs(path)
+        self.assertEqual(
+            sorted(runs), sorted(glue.run_key(r) for r in (first, second))
+        )
+        self.assertEqual(runs[glue.run_key(second)]["dev"]["accuracy"], 0.6)
+
+    def test_table_matches_numpy(self):
+        rng = np.random.default_rng(0)
+        values = {m: rng.uniform(0.5, 0.9, 3) for m in glue.METHODS}
+        records = [
+            _record("mrpc", method, seed, float(values[method][seed]))
+            for method in glue.METHODS
+            for seed in range(3)
+        ]
+        line = glue.main_table(records, ["mrpc"]).splitlines()[2]
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for method, cell in zip(glue.METHODS, cells[1:4]):
+            expected = values[method]
+            self.assertEqual(
+                cell,
+                f"{100 * expected.mean():.1f} ± "
+                f"{100 * expected.std(ddof=1):.1f}",
+            )
+        difference = values["bidora"] - values["dora"]
+        self.assertEqual(
+            cells[4],
+            f"{100 * difference.mean():.1f} ± "
+            f"{100 * difference.std(ddof=1):.1f} (3)",
+        )
+        self.assertEqual(cells[5], "3 / 3 / 3")
+        self.assertEqual(cells[6], "2 / 2 / 2")  # the fastest of 2, 3, 4 s
+
+    def test_paired_difference_uses_common_seeds_only(self):
+        records = [
+            _record("rte", "dora", 0, 0.50),
+            _record("rte", "dora", 1, 0.60),
+            _record("rte", "bidora", 1, 0.65),
+            _record("rte", "bidora", 2, 0.90),
+        ]
+        line = glue.main_table(records, ["rte"]).splitlines()[2]
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        self.assertEqual(cells[4], "5.0 (1)")  # seed 1 only, no spread
+        self.assertEqual(cells[5], "0 / 2 / 2")
+
+    def test_sensitivity_rows_compare_with_the_default_runs(self):
+        records = [_record("rte", m, 0, 0.5) for m in glue.METHODS]
+        records.append(
+            _record("rte", "bidora", 0, 0.7, {"upper_fraction": 0.1})
+        )
+        table = glue.sensitivity_table(records, ["rte", "sst2"])
+        rows = {
+            line.split("|")[2].strip(): line for line in table.splitlines()[2:]
+        }
+        self.assertIn("70.0", rows["upper_fraction=0.1"])
+        self.assertIn("20.0 (1)", rows["upper_fraction=0.1"])
+        self.assertIn("50.0", rows["upper_fraction=0.2"])
+        self.assertNotIn("upper_fraction=0.3", rows)
+        self.assertNotIn("sst2", table)
+
+    def test_cached_encoder_decodes_like_the_task(self):
+        from keras_bidora.data import get_task_spec
+
+        outputs = np.array([[0.1, 0.9], [2.0, -1.0], [0.0, 0.5]])
+        encoder = glue.CachedEncoder(get_task_spec("rte"), 128)
+        np.testing.assert_array_equal(
+            encoder.decode(outputs, None), np.argmax(outputs, axis=-1)
+        )
+        encoder = glue.CachedEncoder(get_task_spec("stsb"), 128)
+        np.testing.assert_allclose(
+            encoder.decode(outputs[:, :1], None), outputs[:, 0]
+        )
+
+    def test_limit_is_refused_for_the_committed_results(self):
+        with pytest.raises(SystemExit):
+            glue.parse_args(["--limit", "10"])
+
+
+@pytest.mark.large
+class GlueStudyRunTest(TestCase):
+    def test_tiny_study_runs_and_resumes(self):
+        out = self.get_temp_dir()
+        command = [
+            sys.executable,
+            SCRIPT,
+            "--backend",
+            keras.config.backend(),
+            "--out",
+            out,
+            "--tasks",
+            "sst2",
+            "--study",
+            "main",
+            "--seeds",
+            "0",
+            "--epochs",
+            "2",
+            "--limit",
+            "24",
+        ]
+        environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        first = subprocess.run(
+            command, capture_output=True, text=True, env=environment
+        )
+        self.assertEqual(first.returncode, 0, first.stderr[-3000:])
+        with open(os.path.join(out, "runs.jsonl")) as file:
+            records = [json.loads(line) for line in file]
+        self.assertEqual(
+            sorted(r["method"] for r in records), sorted(glue.METHODS)
+        )
+        for record in records:
+            self.assertEqual(record["train_examples"], 24)
+            self.assertEqual(record["backend"], keras.config.backend())
+            self.assertLen(record["curve"], 2)  # BiDoRA: 1 + 1 retrain
+            times = [point["train_s"] for point in record["curve"]]
+            self.assertLess(0, times[0])
+            self.assertLess(times[0], times[1])
+            accuracy = record["dev"]["accuracy"]
+            # 24 dev examples: the accuracy is a count over 24.
+            self.assertAlmostEqual(accuracy * 24, round(accuracy * 24))
+        steps = {r["method"]: r["steps"] for r in records}
+        # batch 32 > 24 examples: one step per epoch; BiDoRA's bi-level
+        # epoch steps over its lower split, then one retrain epoch.
+        self.assertEqual(steps["lora"], {"train": 2})
+        self.assertEqual(steps["bidora"], {"bilevel": 1, "retrain": 1})
+        with open(os.path.join(out, "glue.md")) as file:
+            self.assertIn("| sst2 (accuracy) |", file.read())
+        second = subprocess.run(
+            command, capture_output=True, text=True, env=environment
+        )
+        self.assertEqual(second.returncode, 0, second.stderr[-3000:])
+        self.assertIn("3 runs on disk, 0 to run", second.stdout)
