@@ -5,20 +5,28 @@ the pretrained MiniLM-L6 BERT classifier, batch 16, sequence 128, rank 8,
 query/value adapted, AdamW at both levels. A row trains with `fit` on fixed
 random token ids; a callback reads each step's loss (which waits for the
 step to finish) and times it. `step_s` is the median over the timed steps
-after the warm-up steps (compilation included there). Every training row is
-printed with its ratio to `keras_lora` measured in the same run, and the
-inference rows with their ratio to `base_inference`.
+after the warm-up steps (compilation included there); for a BiDoRA row with
+`upper_every=k`, warm-up and timed steps are whole cycles of `k` steps and
+`step_s` is the median cycle's time divided by `k`, so that it includes the
+upper steps' share. Every training row is printed with its ratio to
+`keras_lora` measured in the same run, and the inference rows with their
+ratio to `base_inference`. On a shared machine, `--rounds N` runs the list
+of rows N times, in turn, and pools each row's timed steps, so that a
+change in the machine's load weighs on every row alike.
 
 Usage:
 
     python benchmarks/speed.py --quick                 # all backends
     python benchmarks/speed.py --backend jax --json    # one backend
+    python benchmarks/speed.py --backend torch --quick --rounds 3
 
 Results go to `benchmarks/results/speed-<backend>.json` and `.md`.
 """
 
 import argparse
+import itertools
 import json
+import math
 import os
 import platform
 import resource
@@ -115,6 +123,11 @@ def run_row(name, batch_size, sequence_length, warmup, steps):
 
     keras.utils.set_random_seed(0)
     model = _classifier()
+    cycle = 1
+    if name.startswith("bidora"):
+        cycle = int(name.rpartition("_k")[2])
+        warmup = math.ceil(warmup / cycle) * cycle
+        steps = math.ceil(steps / cycle) * cycle
     total = warmup + steps
     x, y = _data(batch_size, sequence_length, total)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -131,7 +144,7 @@ def run_row(name, batch_size, sequence_length, warmup, steps):
             start = time.perf_counter()
             np.asarray(model.predict_on_batch(batch))
             times.append(time.perf_counter() - start)
-        return {"times": times[warmup:]}
+        return {"times": times[warmup:], "steps_timed": steps}
 
     if name == "keras_lora":
         model.backbone.enable_lora(8)
@@ -155,9 +168,11 @@ def run_row(name, batch_size, sequence_length, warmup, steps):
             upper_every=int(k[1:]),
             seed=0,
         )
-        # fit holds out upper_fraction of the samples: give it enough for
-        # `total` lower steps.
-        x, y = _data(batch_size, sequence_length, int(total / 0.8) + 1)
+        # fit holds out upper_fraction (0.2) of the samples: 5 batches of
+        # samples per 4 lower steps keep both splits in whole batches, so
+        # that no timed step has a short batch (on JAX, a new shape
+        # compiles again).
+        x, y = _data(batch_size, sequence_length, 5 * math.ceil(total / 4))
     trainer.compile(
         optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.1),
         loss=loss,
@@ -173,7 +188,16 @@ def run_row(name, batch_size, sequence_length, warmup, steps):
         callbacks=[timer.callback],
     )
     trainable = sum(int(np.prod(v.shape)) for v in trainer.trainable_weights)
-    return {"times": timer.times[warmup:total], "trainable_params": trainable}
+    timed = timer.times[warmup:total]
+    # Per-step time of each whole cycle of `upper_every` steps.
+    times = [
+        sum(timed[i : i + cycle]) / cycle for i in range(0, len(timed), cycle)
+    ]
+    return {
+        "times": times,
+        "steps_timed": len(timed),
+        "trainable_params": trainable,
+    }
 
 
 def _row_main(args):
@@ -189,8 +213,11 @@ def _row_main(args):
 
 
 def run_backend(backend, args):
-    rows = []
-    for name in args.rows:
+    results = {
+        name: {"times": [], "steps_timed": 0, "peak_mb": 0.0}
+        for name in args.rows
+    }
+    for _, name in itertools.product(range(args.rounds), args.rows):
         command = [
             sys.executable,
             os.path.abspath(__file__),
@@ -217,19 +244,26 @@ def run_backend(backend, args):
             sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
             raise SystemExit(f"row {name} failed on {backend}")
         result = json.loads(lines[-1][len("RESULT ") :])
-        rows.append(
-            {
-                "name": name,
-                "backend": backend,
-                "step_s": statistics.median(result["times"]),
-                "step_s_min": min(result["times"]),
-                "steps_timed": len(result["times"]),
-                "peak_mb": round(result["peak_mb"], 1),
-                "trainable_params": result.get("trainable_params"),
-            }
-        )
+        pooled = results[name]
+        pooled["times"] += result["times"]
+        pooled["steps_timed"] += result["steps_timed"]
+        pooled["peak_mb"] = max(pooled["peak_mb"], result["peak_mb"])
+        pooled["trainable_params"] = result.get("trainable_params")
         if not args.json:
-            print(f"  {backend:10s} {name:24s} {rows[-1]['step_s']:.4f} s")
+            step_s = statistics.median(result["times"])
+            print(f"  {backend:10s} {name:24s} {step_s:.4f} s")
+    rows = [
+        {
+            "name": name,
+            "backend": backend,
+            "step_s": statistics.median(result["times"]),
+            "step_s_min": min(result["times"]),
+            "steps_timed": result["steps_timed"],
+            "peak_mb": round(result["peak_mb"], 1),
+            "trainable_params": result["trainable_params"],
+        }
+        for name, result in results.items()
+    ]
     by_name = {row["name"]: row for row in rows}
     for row in rows:
         reference = (
@@ -251,7 +285,8 @@ def _markdown(rows, args):
         f"Backend `{rows[0]['backend']}`, {platform.processor() or 'cpu'}, "
         f"{os.cpu_count()} cores; batch {args.batch_size}, sequence "
         f"{args.sequence_length}, {args.warmup} warm-up + {args.steps} timed "
-        "steps per row.",
+        "steps per row (whole `upper_every` cycles for BiDoRA rows), "
+        f"{args.rounds} round(s).",
         "",
         "| row | median step (s) | ratio | peak memory (MB) | trainable |",
         "|---|---|---|---|---|",
@@ -304,6 +339,12 @@ def main():
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sequence-length", type=int, default=128)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the rows this many times in turn and pool their steps",
+    )
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument(
