@@ -675,6 +675,10 @@ def sensitivity_table(records, tasks):
     varied = {r["task"] for r in records if r["changes"]}
     for task in [t for t in tasks if t in varied]:
         for name, value in settings:
+            if not any(
+                name in r["changes"] for r in records if r["task"] == task
+            ):
+                continue  # this setting was not varied on this task
             is_default = defaults.get(name) == value or value == "all"
             changes = {} if is_default else {name: value}
             cells = {m: _select(records, task, m, **changes) for m in METHODS}

@@ -44,6 +44,7 @@ ROWS = (
     "bidora_first_order_k4",
     "bidora_darts_k1",
     "bidora_darts_k4",
+    "bidora_darts_forward_k1",
     "bidora_neumann_k1",
     "base_inference",
     "merged_inference",

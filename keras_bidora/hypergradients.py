@@ -9,19 +9,25 @@ estimator takes a `problem` with two stateless losses,
 
 (`w` and `m` lists of tensors) and returns `(upper_loss, hypergradient)`.
 They are written once with `keras.ops` on top of the backend's
-`value_and_grad` (see `keras_bidora.backend`).
+`value_and_grad` (see `keras_bidora.backend`). Every estimator takes the
+same arguments; `lower_magnitude_grads` (`grad_m L_low(w, m)`, which the
+lower step then computes along with `g`) is used only by the estimators in
+`NEEDS_LOWER_MAGNITUDE_GRADS` and ignored by the others.
 
 Cost per upper step, in forward+backward passes of the model:
 
-| estimator     | passes                                   |
-|---------------|------------------------------------------|
-| `first_order` | 1 (upper)                                |
-| `darts`       | 3 (upper at the virtual step, lower at   |
-|               | w + eps*v and w - eps*v)                 |
-| `neumann`     | 1 + (terms + 1) double-backward passes   |
+| estimator       | passes                                   |
+|-----------------|------------------------------------------|
+| `first_order`   | 1 (upper)                                |
+| `darts`         | 3 (upper at the virtual step, lower at   |
+|                 | w + eps*v and w - eps*v)                 |
+| `darts_forward` | 2 (upper at the virtual step, lower at   |
+|                 | w + eps*v)                               |
+| `neumann`       | 1 + (terms + 1) double-backward passes   |
 
 The lower gradient `g = grad_w L_low(w, m)` is computed by the lower step and
-reused, never recomputed.
+reused, never recomputed; so is `grad_m L_low(w, m)` for `darts_forward`
+(the same backward pass, differentiated in `m` as well).
 
 Reference:
     - [Liu et al., 2019. DARTS: Differentiable Architecture Search](
@@ -32,7 +38,9 @@ Reference:
 
 from keras import ops
 
-HYPERGRADIENTS = ("first_order", "darts", "neumann")
+HYPERGRADIENTS = ("first_order", "darts", "darts_forward", "neumann")
+# Estimators that take `lower_magnitude_grads` from the lower step.
+NEEDS_LOWER_MAGNITUDE_GRADS = ("darts_forward",)
 
 
 def _dot(a, b):
@@ -49,9 +57,10 @@ def first_order(
     upper_batch,
     learning_rate,
     terms=None,
+    lower_magnitude_grads=None,
 ):
     """Gradient of the upper loss in `m` at the current direction `w`."""
-    del lower_grads, lower_batch, learning_rate, terms
+    del lower_grads, lower_batch, learning_rate, terms, lower_magnitude_grads
 
     def loss(m_values):
         return problem.upper_loss(w, m_values, upper_batch)
@@ -70,6 +79,7 @@ def darts(
     upper_batch,
     learning_rate,
     terms=None,
+    lower_magnitude_grads=None,
 ):
     """The DARTS second-order approximation of the unrolled hypergradient.
 
@@ -81,10 +91,79 @@ def darts(
     `(dL_low/dm(w + eps v, m) - dL_low/dm(w - eps v, m)) / (2 eps)`,
     `eps = 0.01 / ||v||`.
     """
+    del terms, lower_magnitude_grads
+    upper_loss, v, direct, eps = _virtual_step(
+        backend, problem, w, m, lower_grads, upper_batch, learning_rate
+    )
+    plus = _lower_grad_m(
+        backend,
+        problem,
+        [wi + eps * vi for wi, vi in zip(w, v)],
+        m,
+        lower_batch,
+    )
+    minus = _lower_grad_m(
+        backend,
+        problem,
+        [wi - eps * vi for wi, vi in zip(w, v)],
+        m,
+        lower_batch,
+    )
+    hypergradient = [
+        d - learning_rate * (p - q) / (2.0 * eps)
+        for d, p, q in zip(direct, plus, minus)
+    ]
+    return upper_loss, hypergradient
+
+
+def darts_forward(
+    backend,
+    problem,
+    w,
+    m,
+    lower_grads,
+    lower_batch,
+    upper_batch,
+    learning_rate,
+    terms=None,
+    lower_magnitude_grads=None,
+):
+    """`darts` with a one-sided (forward) finite difference: one pass fewer.
+
+    The mixed second derivative is replaced by
+    `(dL_low/dm(w + eps v, m) - dL_low/dm(w, m)) / eps`, `eps = 0.01 / ||v||`
+    as in `darts`, where `dL_low/dm(w, m)` is `lower_magnitude_grads`, from
+    the lower step's own backward pass. Its error is O(eps) (against
+    O(eps^2) for the central difference of `darts`), for 2 passes instead
+    of 3 on an upper step.
+    """
     del terms
+    if lower_magnitude_grads is None:
+        raise ValueError(
+            "darts_forward reuses the lower step's gradient in the "
+            "magnitudes: pass lower_magnitude_grads, grad_m L_low(w, m)."
+        )
+    upper_loss, v, direct, eps = _virtual_step(
+        backend, problem, w, m, lower_grads, upper_batch, learning_rate
+    )
+    plus = _lower_grad_m(
+        backend,
+        problem,
+        [wi + eps * vi for wi, vi in zip(w, v)],
+        m,
+        lower_batch,
+    )
+    hypergradient = [
+        d - learning_rate * (p - ops.stop_gradient(q)) / eps
+        for d, p, q in zip(direct, plus, lower_magnitude_grads)
+    ]
+    return upper_loss, hypergradient
+
+
+def _virtual_step(backend, problem, w, m, lower_grads, upper_batch, rate):
+    """The upper pass at `w' = w - rate * g`: `(loss, v, dL_up/dm, eps)`."""
     virtual = [
-        wi - learning_rate * ops.stop_gradient(gi)
-        for wi, gi in zip(w, lower_grads)
+        wi - rate * ops.stop_gradient(gi) for wi, gi in zip(w, lower_grads)
     ]
     n_w = len(w)
 
@@ -95,20 +174,16 @@ def darts(
     v, direct = list(grads[:n_w]), list(grads[n_w:])
     v_norm = ops.sqrt(_dot(v, v))
     eps = 0.01 / ops.maximum(v_norm, 1e-12)
+    return upper_loss, v, direct, eps
 
-    def lower_grad_m(w_values):
-        def loss(m_values):
-            return problem.lower_loss(w_values, m_values, lower_batch)
 
-        return backend.value_and_grad(loss)(m)[1]
+def _lower_grad_m(backend, problem, w, m, lower_batch):
+    """`grad_m L_low(w, m)`: one pass."""
 
-    plus = lower_grad_m([wi + eps * vi for wi, vi in zip(w, v)])
-    minus = lower_grad_m([wi - eps * vi for wi, vi in zip(w, v)])
-    hypergradient = [
-        d - learning_rate * (p - q) / (2.0 * eps)
-        for d, p, q in zip(direct, plus, minus)
-    ]
-    return upper_loss, hypergradient
+    def loss(m_values):
+        return problem.lower_loss(w, m_values, lower_batch)
+
+    return list(backend.value_and_grad(loss)(m)[1])
 
 
 def neumann(
@@ -121,6 +196,7 @@ def neumann(
     upper_batch,
     learning_rate,
     terms=3,
+    lower_magnitude_grads=None,
 ):
     """Implicit differentiation with a truncated Neumann series.
 
@@ -168,6 +244,7 @@ def get(name):
     estimators = {
         "first_order": first_order,
         "darts": darts,
+        "darts_forward": darts_forward,
         "neumann": neumann,
     }
     if name not in estimators:
