@@ -758,9 +758,10 @@ def write_report(args):
         f"{len(records)} runs, backend {', '.join(backends)} on "
         f"{', '.join(devices)}. Dev metric x100, mean ± standard deviation "
         "over seeds; BiDoRA - DoRA is the mean and standard deviation of "
-        "the per-seed differences; training time excludes the per-epoch "
-        "dev evaluations (median over seeds; a shape's first run includes "
-        "compilation).\n\n"
+        "the per-seed differences, with the number of seeds both ran; "
+        "training time excludes the per-epoch dev evaluations and is the "
+        "fastest seed's (on JAX with a compilation cache, a shape's first "
+        "run also pays for compiling).\n\n"
     )
     with open(os.path.join(args.out, "glue.md"), "w") as file:
         file.write(header + main_table(records, TASKS) + "\n")
