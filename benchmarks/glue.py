@@ -411,9 +411,11 @@ def _train_argv(args, run, epochs, retrain_epochs):
         "--verbose",
         "0",
     ]
-    for name, value in run["changes"].items():
-        if name in VARIED:
-            argv += [f"--{name.replace('_', '-')}", str(value)]
+    # BiDoRA's settings are pinned, not left to the command's defaults, so
+    # that runs made before and after a change of default stay comparable.
+    for name, default in DEFAULTS.items():
+        value = run["changes"].get(name, default)
+        argv += [f"--{name.replace('_', '-')}", str(value)]
     return argv + list(args.train_option)
 
 

@@ -87,7 +87,14 @@ class GlueBenchmarkTest(TestCase):
             ],
         )
         argv = glue._train_argv(args, runs[0], 2, 1)
+        self.assertEqual(argv.count("--upper-every"), 1)
         self.assertEqual(argv[argv.index("--upper-every") + 1], "4")
+        # The other settings are the main study's, whatever the defaults
+        # of `keras-bidora train` (darts, not its default first_order).
+        self.assertEqual(argv[argv.index("--hypergradient") + 1], "darts")
+        parsed = glue.cli.build_parser().parse_args(argv)
+        self.assertEqual(parsed.upper_fraction, 0.2)
+        self.assertEqual(parsed.direction_regularization, 1e-5)
 
     def test_resumes_from_runs_on_disk_after_a_cut_line(self):
         path = os.path.join(self.get_temp_dir(), "runs.jsonl")
