@@ -95,20 +95,8 @@ def darts(
     upper_loss, v, direct, eps = _virtual_step(
         backend, problem, w, m, lower_grads, upper_batch, learning_rate
     )
-    plus = _lower_grad_m(
-        backend,
-        problem,
-        [wi + eps * vi for wi, vi in zip(w, v)],
-        m,
-        lower_batch,
-    )
-    minus = _lower_grad_m(
-        backend,
-        problem,
-        [wi - eps * vi for wi, vi in zip(w, v)],
-        m,
-        lower_batch,
-    )
+    plus = _lower_grad_m(backend, problem, w, v, eps, m, lower_batch)
+    minus = _lower_grad_m(backend, problem, w, v, -eps, m, lower_batch)
     hypergradient = [
         d - learning_rate * (p - q) / (2.0 * eps)
         for d, p, q in zip(direct, plus, minus)
@@ -146,13 +134,7 @@ def darts_forward(
     upper_loss, v, direct, eps = _virtual_step(
         backend, problem, w, m, lower_grads, upper_batch, learning_rate
     )
-    plus = _lower_grad_m(
-        backend,
-        problem,
-        [wi + eps * vi for wi, vi in zip(w, v)],
-        m,
-        lower_batch,
-    )
+    plus = _lower_grad_m(backend, problem, w, v, eps, m, lower_batch)
     hypergradient = [
         d - learning_rate * (p - ops.stop_gradient(q)) / eps
         for d, p, q in zip(direct, plus, lower_magnitude_grads)
@@ -177,11 +159,12 @@ def _virtual_step(backend, problem, w, m, lower_grads, upper_batch, rate):
     return upper_loss, v, direct, eps
 
 
-def _lower_grad_m(backend, problem, w, m, lower_batch):
-    """`grad_m L_low(w, m)`: one pass."""
+def _lower_grad_m(backend, problem, w, v, step, m, lower_batch):
+    """`grad_m L_low(w + step * v, m)`: one pass."""
+    shifted = [wi + step * vi for wi, vi in zip(w, v)]
 
     def loss(m_values):
-        return problem.lower_loss(w, m_values, lower_batch)
+        return problem.lower_loss(shifted, m_values, lower_batch)
 
     return list(backend.value_and_grad(loss)(m)[1])
 

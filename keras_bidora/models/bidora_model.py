@@ -642,28 +642,22 @@ class BiDoRAModel(keras.Model):
             upper_value = ops.zeros((), dtype=loss.dtype)
             due = True
         else:
-            lower_magnitude_grads = None
-            if (
+            # For some estimators the same backward pass also takes
+            # grad_m L_low(w, m), which they reuse. Only `lower_grads` (in
+            # `w`) ever reaches the lower optimizer.
+            in_m = (
                 bilevel
                 and self.hypergradient
                 in hypergradients.NEEDS_LOWER_MAGNITUDE_GRADS
-            ):
-                # The same backward pass, in `m` as well: the estimator
-                # reuses grad_m L_low(w, m). Only `lower_grads` (in `w`)
-                # ever reaches the lower optimizer.
-                (loss, (y_pred, nt_updates)), grads = backend.value_and_grad(
-                    lambda params: lower_loss(
-                        params[: len(w)], params[len(w) :], lower_batch, True
-                    )
-                )(w + m)
-                lower_grads = grads[: len(w)]
-                lower_magnitude_grads = list(grads[len(w) :])
-            else:
-                (loss, (y_pred, nt_updates)), lower_grads = (
-                    backend.value_and_grad(
-                        lambda params: lower_loss(params, m, lower_batch, True)
-                    )(w)
+            )
+            n_w = len(w)
+            (loss, (y_pred, nt_updates)), grads = backend.value_and_grad(
+                lambda params: lower_loss(
+                    params[:n_w], params[n_w:] if in_m else m, lower_batch, True
                 )
+            )(w + m if in_m else w)
+            lower_grads = grads[:n_w]
+            lower_magnitude_grads = list(grads[n_w:]) if in_m else None
             if bilevel:
                 estimator = hypergradients.get(self.hypergradient)
                 problem = _Problem(
