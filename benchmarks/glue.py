@@ -290,30 +290,28 @@ class Prepared:
     """A task's tokenized train and dev data (as `cli.Prepared`)."""
 
     def __init__(self, spec, arrays, meta, indices=None):
-        self.spec = spec
-        self.meta = meta
-        x_train = {
-            key[len("train_") :]: value
-            for key, value in arrays.items()
-            if key.startswith("train_") and key != "train_labels"
-        }
-        y_train = arrays["train_labels"]
+        x_train, y_train = _split(arrays, "train")
         if indices is not None:
             x_train = {key: value[indices] for key, value in x_train.items()}
             y_train = y_train[indices]
         self.x_train, self.y_train = x_train, y_train
-        self.x_dev = {
-            key[len("dev_") :]: value
-            for key, value in arrays.items()
-            if key.startswith("dev_") and key != "dev_labels"
-        }
-        self.y_dev = arrays["dev_labels"]
-        labels = self.y_dev.tolist()
-        self.dev = CachedDev(labels)
+        self.x_dev, self.y_dev = _split(arrays, "dev")
+        self.dev = CachedDev(self.y_dev.tolist())
         self.encoder = CachedEncoder(spec, meta["sequence_length"])
 
     def __len__(self):
         return len(self.y_train)
+
+
+def _split(arrays, split):
+    """`(x, y)` of one split of `tokens`' arrays (keys `<split>_<name>`)."""
+    prefix = f"{split}_"
+    x = {
+        key[len(prefix) :]: value
+        for key, value in arrays.items()
+        if key.startswith(prefix) and key != f"{split}_labels"
+    }
+    return x, arrays[f"{split}_labels"]
 
 
 def _sequence_length(task):
@@ -429,8 +427,8 @@ def _dev_curve_callback(keras, prepared, spec, batch_size, points):
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self.start
             previous = points[-1]["train_s"] if points else 0.0
-            outputs = keras.Model.predict(
-                self.model, prepared.x_dev, batch_size=batch_size, verbose=0
+            outputs = cli._predict(
+                keras, self.model, prepared.x_dev, batch_size
             )
             predictions = prepared.encoder.decode(outputs, None)
             scores = spec.score(prepared.dev.labels, predictions)
