@@ -16,8 +16,10 @@ of dev metric against wall-clock time.
 `direction_regularization` 0 and 1e-3, the `first_order` hypergradient and
 `upper_every=4` (the main study's runs give 0.2, 1e-5, darts and 1), one
 setting changed at a time, and every method on training subsets of 200 and
-1,000 examples (a seeded subset per seed; the main study's runs give
-"all").
+1,000 examples (`--train-sizes`; a seeded subset per seed; the main
+study's runs give "all"). A subset trains the same epoch budget as the full
+set, or with `--train-size-budget examples` as many more epochs as make
+its examples seen, and so its steps, those of the full set's run.
 
 Each finished run is appended to `OUT/runs.jsonl` at once, and runs
 already there are not run again, so an interrupted study resumes where it
@@ -117,6 +119,23 @@ def parse_args(argv=None):
         "(default: all)",
     )
     parser.add_argument(
+        "--train-sizes",
+        nargs="+",
+        type=int,
+        default=TRAIN_SIZES,
+        metavar="N",
+        help="the training-set sizes of `--vary train_size` (200 1000; the "
+        "main study's runs give all)",
+    )
+    parser.add_argument(
+        "--train-size-budget",
+        choices=("epochs", "examples"),
+        default="epochs",
+        help="epochs: a training subset trains the --epochs budget, as the "
+        "full set does; examples: it trains as many more epochs as make "
+        "the examples seen (and steps) those of the full set's run",
+    )
+    parser.add_argument(
         "--methods", nargs="+", choices=METHODS, default=METHODS
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=(0, 1, 2))
@@ -181,6 +200,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error(f"--epochs must be >= 2. Received: {args.epochs}")
+    if any(size < 1 for size in args.train_sizes):
+        parser.error(
+            "--train-sizes must be positive. Received: "
+            f"{' '.join(map(str, args.train_sizes))}"
+        )
     if args.limit and os.path.abspath(args.out) == DEFAULT_OUT:
         parser.error(
             "--limit runs are checks, not results: give them another --out"
@@ -206,9 +230,14 @@ def planned_runs(args):
             for task in args.sensitivity_tasks:
                 for name in args.vary:
                     if name == "train_size":
+                        budget = (
+                            {"budget": "examples"}
+                            if args.train_size_budget == "examples"
+                            else {}
+                        )
                         runs += [
-                            _run(task, method, seed, train_size=size)
-                            for size in TRAIN_SIZES
+                            _run(task, method, seed, train_size=size, **budget)
+                            for size in args.train_sizes
                             for method in args.methods
                         ]
                     elif "bidora" in args.methods:
@@ -437,6 +466,21 @@ def _dev_curve_callback(keras, prepared, spec, batch_size, points):
     return DevCurve()
 
 
+def epoch_budget(args, run, train_examples, full_examples):
+    """`(epochs, retrain_epochs)` of a run on `train_examples` examples.
+
+    Every method gets `--epochs`, BiDoRA's bi-level and retrain epochs
+    counted against it; a subset with the "examples" budget gets as many
+    more epochs as make its examples seen those of the full set's run.
+    """
+    budget = args.epochs
+    if run["changes"].get("budget") == "examples":
+        budget = round(args.epochs * full_examples / train_examples)
+    if run["method"] == "bidora":
+        return budget - 1, 1
+    return budget, 0
+
+
 def train_one(keras, args, run, arrays, meta, preset):
     spec = task_spec_lib.get_task_spec(run["task"])
     indices = None
@@ -447,10 +491,7 @@ def train_one(keras, args, run, arrays, meta, preset):
         rng = np.random.default_rng(1000 + run["seed"])
         indices = np.sort(rng.permutation(total)[:size])
     prepared = Prepared(spec, arrays, meta, indices)
-    if run["method"] == "bidora":
-        epochs, retrain_epochs = args.epochs - 1, 1
-    else:
-        epochs, retrain_epochs = args.epochs, 0
+    epochs, retrain_epochs = epoch_budget(args, run, len(prepared), total)
     argv = _train_argv(args, run, epochs, retrain_epochs)
     train_args = cli.build_parser().parse_args(argv)
     points = []
@@ -659,28 +700,54 @@ def main_table(records, tasks):
     return "\n".join(lines)
 
 
+def _epochs(record):
+    """A run's epoch budget (BiDoRA: bi-level and retrain epochs)."""
+    argv = record["train_argv"]
+    return int(argv[argv.index("--epochs") + 1]) + int(
+        argv[argv.index("--retrain-epochs") + 1]
+    )
+
+
 def sensitivity_table(records, tasks):
     lines = [
         "| task | setting | LoRA | DoRA | BiDoRA | BiDoRA - DoRA (paired "
         "seeds) | BiDoRA's seeds |",
         "|---|---|---|---|---|---|---|",
     ]
+    # (name varied, label, the runs' changes); the main study's runs give
+    # each setting's default and the full training set.
     settings = [
-        (name, value)
+        (
+            name,
+            f"{name}={value}",
+            {} if value == DEFAULTS[name] else {name: value},
+        )
         for name, values in VARIED.items()
         for value in (DEFAULTS[name], *values)
     ]
-    settings += [("train_size", v) for v in (*TRAIN_SIZES, "all")]
-    defaults = DEFAULTS
+    subsets = sorted(
+        {
+            (r["changes"]["train_size"], r["changes"].get("budget", ""))
+            for r in records
+            if "train_size" in r["changes"]
+        }
+    )
+    for size, budget in subsets:
+        changes = {"train_size": size}
+        label = f"train_size={size}"
+        if budget:
+            changes["budget"] = budget
+            epochs = {_epochs(r) for r in records if r["changes"] == changes}
+            label += f", {'/'.join(map(str, sorted(epochs)))} epochs"
+        settings.append(("train_size", label, changes))
+    settings.append(("train_size", "train_size=all", {}))
     varied = {r["task"] for r in records if r["changes"]}
     for task in [t for t in tasks if t in varied]:
-        for name, value in settings:
+        for name, label, changes in settings:
             if not any(
                 name in r["changes"] for r in records if r["task"] == task
             ):
                 continue  # this setting was not varied on this task
-            is_default = defaults.get(name) == value or value == "all"
-            changes = {} if is_default else {name: value}
             cells = {m: _select(records, task, m, **changes) for m in METHODS}
             if not cells["bidora"]:
                 continue
@@ -696,7 +763,7 @@ def sensitivity_table(records, tasks):
             metric = next(iter(cells["bidora"].values()))["main_metric"]
             seeds = sorted(cells["bidora"])
             lines.append(
-                f"| {task} ({metric}) | {name}={value} | "
+                f"| {task} ({metric}) | {label} | "
                 f"{_fmt(values['lora'])} | {_fmt(values['dora'])} | "
                 f"{_fmt(values['bidora'])} | {_fmt(difference)} ({paired}) | "
                 f"{','.join(map(str, seeds))} |"

@@ -267,18 +267,21 @@ def run_backend(backend, args):
     ]
     by_name = {row["name"]: row for row in rows}
     for row in rows:
-        reference = (
-            "base_inference"
-            if row["name"].endswith("inference")
-            else "keras_lora"
-        )
+        reference = _reference(row["name"])
         if reference in by_name:
+            reference_s = by_name[reference]["step_s"]
             row[
                 "ratio_to_keras_lora"
                 if reference == "keras_lora"
                 else "ratio_to_base_inference"
-            ] = round(row["step_s"] / by_name[reference]["step_s"], 3)
+            ] = round(row["step_s"] / reference_s, 3)
+            # Kept with the row: a later run may replace the reference row.
+            row["reference_step_s"] = reference_s
     return rows
+
+
+def _reference(name):
+    return "base_inference" if name.endswith("inference") else "keras_lora"
 
 
 def _markdown(rows, args):
@@ -289,16 +292,19 @@ def _markdown(rows, args):
         "steps per row (whole `upper_every` cycles for BiDoRA rows), "
         f"{args.rounds} round(s).",
         "",
-        "| row | median step (s) | ratio | peak memory (MB) | trainable |",
-        "|---|---|---|---|---|",
+        "| row | median step (s) | ratio | reference step in the same run "
+        "(s) | peak memory (MB) | trainable |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         ratio = row.get(
             "ratio_to_keras_lora", row.get("ratio_to_base_inference")
         )
+        reference = row.get("reference_step_s")
+        reference = "" if reference is None else f"{reference:.4f}"
         lines.append(
-            f"| {row['name']} | {row['step_s']:.4f} | {ratio} | "
-            f"{row['peak_mb']} | {row['trainable_params'] or ''} |"
+            f"| {row['name']} | {row['step_s']:.4f} | {ratio} | {reference} "
+            f"| {row['peak_mb']} | {row['trainable_params'] or ''} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -315,6 +321,16 @@ def _save(backend, rows, args):
     if os.path.exists(path):
         with open(path) as f:
             merged = {row["name"]: row for row in json.load(f)}
+    for row in merged.values():
+        # Rows saved before rows kept their reference: it is the reference
+        # row of the same command, if that row is still on file.
+        reference = merged.get(_reference(row["name"]))
+        if (
+            "reference_step_s" not in row
+            and reference is not None
+            and reference["command"] == row["command"]
+        ):
+            row["reference_step_s"] = reference["step_s"]
     merged.update({row["name"]: row for row in rows})
     rows = [merged[name] for name in ROWS if name in merged]
     with open(path, "w") as f:

@@ -4,6 +4,7 @@ The same test files run under every `KERAS_BACKEND`; the helpers here hide
 the few places where the backends differ (tensor conversion, gradients).
 """
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -25,6 +26,16 @@ def to_numpy(x):
         # `convert_to_numpy` also detaches torch tensors that require grad.
         return ops.convert_to_numpy(x)
     return np.asarray(x)
+
+
+def load_benchmark(name):
+    """Imports `benchmarks/<name>.py`, a script and not a package module."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _comparable(x):

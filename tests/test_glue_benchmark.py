@@ -5,7 +5,6 @@ real (tiny) study runs the script as documented, in a subprocess on the
 outer run's backend, and its second invocation must recompute nothing.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,19 +15,13 @@ import numpy as np
 import pytest
 
 from tests.test_case import TestCase
+from tests.test_case import load_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "glue.py")
 
 
-def _load_glue():
-    spec = importlib.util.spec_from_file_location("glue_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-glue = _load_glue()
+glue = load_benchmark("glue")
 
 
 def _record(task, method, seed, value, changes=None, metric="accuracy"):
@@ -49,6 +42,20 @@ def _record(task, method, seed, value, changes=None, metric="accuracy"):
 
 
 class GlueBenchmarkTest(TestCase):
+    def _sensitivity_args(self, task, *options):
+        """`glue.py --study sensitivity` on one task, with `options`."""
+        return glue.parse_args(
+            [
+                "--out",
+                self.get_temp_dir(),
+                "--study",
+                "sensitivity",
+                "--sensitivity-tasks",
+                task,
+                *options,
+            ]
+        )
+
     def test_plan_is_seed_major_and_complete(self):
         args = glue.parse_args(["--out", self.get_temp_dir()])
         runs = glue.planned_runs(args)
@@ -63,20 +70,8 @@ class GlueBenchmarkTest(TestCase):
         self.assertLen(set(keys), len(keys))
 
     def test_vary_picks_and_orders_the_sensitivity_settings(self):
-        args = glue.parse_args(
-            [
-                "--out",
-                self.get_temp_dir(),
-                "--study",
-                "sensitivity",
-                "--sensitivity-tasks",
-                "sst2",
-                "--seeds",
-                "4",
-                "--vary",
-                "upper_every",
-                "hypergradient",
-            ]
+        args = self._sensitivity_args(
+            "sst2", "--seeds", "4", "--vary", "upper_every", "hypergradient"
         )
         runs = glue.planned_runs(args)
         self.assertEqual(
@@ -95,6 +90,72 @@ class GlueBenchmarkTest(TestCase):
         parsed = glue.cli.build_parser().parse_args(argv)
         self.assertEqual(parsed.upper_fraction, 0.2)
         self.assertEqual(parsed.direction_regularization, 1e-5)
+
+    def test_train_sizes_pick_the_subsets_and_their_table_rows(self):
+        args = self._sensitivity_args(
+            "rte",
+            "--seeds",
+            "0",
+            "--vary",
+            "train_size",
+            "--train-sizes",
+            "300",
+        )
+        runs = glue.planned_runs(args)
+        self.assertEqual(
+            [(r["method"], r["changes"]) for r in runs],
+            [(m, {"train_size": 300}) for m in glue.METHODS],
+        )
+        records = [
+            _record("rte", m, 0, 0.5 + 0.1 * i, {"train_size": 300})
+            for i, m in enumerate(glue.METHODS)
+        ] + [_record("rte", m, 0, 0.6) for m in glue.METHODS]
+        rows = glue.sensitivity_table(records, ["rte"]).splitlines()[2:]
+        self.assertEqual(
+            [row.split("|")[2].strip() for row in rows],
+            ["train_size=300", "train_size=all"],
+        )
+        cells = [c.strip() for c in rows[0].strip("|").split("|")]
+        self.assertEqual(cells[2:5], ["50.0", "60.0", "70.0"])
+        with pytest.raises(SystemExit):
+            glue.parse_args(["--train-sizes", "0"])
+
+    def test_examples_budget_scales_the_epochs_of_a_subset(self):
+        args = self._sensitivity_args(
+            "sst2",
+            "--seeds",
+            "0",
+            "--vary",
+            "train_size",
+            "--train-sizes",
+            "200",
+            "--train-size-budget",
+            "examples",
+        )
+        runs = glue.planned_runs(args)
+        changes = {"train_size": 200, "budget": "examples"}
+        self.assertEqual([r["changes"] for r in runs], [changes] * 3)
+        # 3 epochs of 1,000 examples are as many examples as 15 of 200.
+        self.assertEqual(
+            [glue.epoch_budget(args, r, 200, 1000) for r in runs],
+            [(15, 0), (15, 0), (14, 1)],
+        )
+        plain = glue._run("sst2", "bidora", 0, train_size=200)
+        self.assertEqual(glue.epoch_budget(args, plain, 200, 1000), (2, 1))
+        records = []
+        for run, value in zip(runs, (0.5, 0.6, 0.7)):
+            epochs, retrain = glue.epoch_budget(args, run, 200, 1000)
+            record = _record("sst2", run["method"], 0, value, run["changes"])
+            record["train_argv"] = glue._train_argv(args, run, epochs, retrain)
+            records.append(record)
+        records += [_record("sst2", m, 0, 0.8) for m in glue.METHODS]
+        rows = glue.sensitivity_table(records, ["sst2"]).splitlines()[2:]
+        self.assertEqual(
+            [row.split("|")[2].strip() for row in rows],
+            ["train_size=200, 15 epochs", "train_size=all"],
+        )
+        cells = [c.strip() for c in rows[0].strip("|").split("|")]
+        self.assertEqual(cells[2:6], ["50.0", "60.0", "70.0", "10.0 (1)"])
 
     def test_resumes_from_runs_on_disk_after_a_cut_line(self):
         path = os.path.join(self.get_temp_dir(), "runs.jsonl")
