@@ -708,6 +708,20 @@ def _epochs(record):
     )
 
 
+def _size_label(label, changes, cells):
+    """Says how many examples "all" is, and a scaled epoch budget."""
+    runs = [r for cell in cells.values() for r in cell.values()]
+    if not changes:
+        sizes = sorted(
+            {r["train_examples"] for r in runs if "train_examples" in r}
+        )
+        return f"{label} ({'/'.join(map(str, sizes))})" if sizes else label
+    if changes.get("budget"):
+        epochs = sorted({_epochs(r) for r in runs})
+        return f"{label}, {'/'.join(map(str, epochs))} epochs"
+    return label
+
+
 def sensitivity_table(records, tasks):
     lines = [
         "| task | setting | LoRA | DoRA | BiDoRA | BiDoRA - DoRA (paired "
@@ -734,12 +748,9 @@ def sensitivity_table(records, tasks):
     )
     for size, budget in subsets:
         changes = {"train_size": size}
-        label = f"train_size={size}"
         if budget:
             changes["budget"] = budget
-            epochs = {_epochs(r) for r in records if r["changes"] == changes}
-            label += f", {'/'.join(map(str, sorted(epochs)))} epochs"
-        settings.append(("train_size", label, changes))
+        settings.append(("train_size", f"train_size={size}", changes))
     settings.append(("train_size", "train_size=all", {}))
     varied = {r["task"] for r in records if r["changes"]}
     for task in [t for t in tasks if t in varied]:
@@ -761,6 +772,8 @@ def sensitivity_table(records, tasks):
             }
             difference, paired = _paired_difference(cells)
             metric = next(iter(cells["bidora"].values()))["main_metric"]
+            if name == "train_size":
+                label = _size_label(label, changes, cells)
             seeds = sorted(cells["bidora"])
             lines.append(
                 f"| {task} ({metric}) | {label} | "

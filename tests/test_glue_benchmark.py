@@ -109,11 +109,14 @@ class GlueBenchmarkTest(TestCase):
         records = [
             _record("rte", m, 0, 0.5 + 0.1 * i, {"train_size": 300})
             for i, m in enumerate(glue.METHODS)
-        ] + [_record("rte", m, 0, 0.6) for m in glue.METHODS]
+        ] + [
+            dict(_record("rte", m, 0, 0.6), train_examples=2490)
+            for m in glue.METHODS
+        ]
         rows = glue.sensitivity_table(records, ["rte"]).splitlines()[2:]
         self.assertEqual(
             [row.split("|")[2].strip() for row in rows],
-            ["train_size=300", "train_size=all"],
+            ["train_size=300", "train_size=all (2490)"],
         )
         cells = [c.strip() for c in rows[0].strip("|").split("|")]
         self.assertEqual(cells[2:5], ["50.0", "60.0", "70.0"])
@@ -148,11 +151,14 @@ class GlueBenchmarkTest(TestCase):
             record = _record("sst2", run["method"], 0, value, run["changes"])
             record["train_argv"] = glue._train_argv(args, run, epochs, retrain)
             records.append(record)
-        records += [_record("sst2", m, 0, 0.8) for m in glue.METHODS]
+        records += [
+            dict(_record("sst2", m, 0, 0.8), train_examples=1000)
+            for m in glue.METHODS
+        ]
         rows = glue.sensitivity_table(records, ["sst2"]).splitlines()[2:]
         self.assertEqual(
             [row.split("|")[2].strip() for row in rows],
-            ["train_size=200, 15 epochs", "train_size=all"],
+            ["train_size=200, 15 epochs", "train_size=all (1000)"],
         )
         cells = [c.strip() for c in rows[0].strip("|").split("|")]
         self.assertEqual(cells[2:6], ["50.0", "60.0", "70.0", "10.0 (1)"])
