@@ -88,6 +88,14 @@ DEFAULTS = {
     "upper_every": 1,
 }
 TRAIN_SIZES = (200, 1000)
+# Changes that make a task's runs a variant of the study (a sample of its
+# training set, another sequence length), not a sensitivity setting: every
+# run of the task carries them, and the report shows the variant as a task
+# of its own.
+VARIANT_KEYS = ("train_sample", "sequence_length")
+# The seed of `--train-sample`'s sample: one sample for every method and
+# seed, so that a paired difference compares methods on the same data.
+SAMPLE_SEED = 12345
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "glue")
 
 
@@ -134,6 +142,23 @@ def parse_args(argv=None):
         help="epochs: a training subset trains the --epochs budget, as the "
         "full set does; examples: it trains as many more epochs as make "
         "the examples seen (and steps) those of the full set's run",
+    )
+    parser.add_argument(
+        "--train-sample",
+        nargs="+",
+        default=[],
+        metavar="TASK=N",
+        help="train TASK on a seeded random sample of N of its training "
+        "examples (one sample for every method and seed), e.g. cola=1000, "
+        "so that a study fits CPU time; the runs are recorded as such",
+    )
+    parser.add_argument(
+        "--sequence-length",
+        nargs="+",
+        default=[],
+        metavar="TASK=N",
+        help="TASK's sequence length instead of `keras-bidora train`'s "
+        "default (sst2, cola: 64; the others: 128), e.g. stsb=64",
     )
     parser.add_argument(
         "--methods", nargs="+", choices=METHODS, default=METHODS
@@ -209,8 +234,35 @@ def parse_args(argv=None):
         parser.error(
             "--limit runs are checks, not results: give them another --out"
         )
+    args.train_sample = _task_numbers(parser, "--train-sample", args)
+    args.sequence_length = _task_numbers(parser, "--sequence-length", args)
     args.tokens = args.tokens or os.path.join(args.out, "tokens")
     return args
+
+
+def _task_numbers(parser, flag, args):
+    """`{task: N}` from a `TASK=N ...` option's values."""
+    numbers = {}
+    for value in getattr(args, flag[2:].replace("-", "_")):
+        task, _, number = value.partition("=")
+        if task not in TASKS or not number.isdigit() or int(number) < 1:
+            parser.error(
+                f"{flag} takes TASK=N with TASK one of {', '.join(TASKS)} "
+                f"and N a positive integer. Received: {value!r}"
+            )
+        numbers[task] = int(number)
+    return numbers
+
+
+def variant(args, task):
+    """The changes every run of `task` carries (see `VARIANT_KEYS`)."""
+    changes = {}
+    if task in args.train_sample:
+        changes["train_sample"] = args.train_sample[task]
+    length = args.sequence_length.get(task, _sequence_length(task))
+    if length != _sequence_length(task):
+        changes["sequence_length"] = length
+    return changes
 
 
 # Runs -------------------------------------------------------------------
@@ -219,30 +271,36 @@ def parse_args(argv=None):
 def planned_runs(args):
     """The runs of the chosen study, seed-major (a stopped study has all
     methods of its first seeds)."""
+    budget = (
+        {"budget": "examples"} if args.train_size_budget == "examples" else {}
+    )
     runs = []
     if args.study in ("main", "all"):
         for seed in args.seeds:
             for task in args.tasks:
                 for method in args.methods:
-                    runs.append(_run(task, method, seed))
+                    runs.append(_run(task, method, seed, **variant(args, task)))
     if args.study in ("sensitivity", "all"):
         for seed in args.seeds:
             for task in args.sensitivity_tasks:
+                base = variant(args, task)
                 for name in args.vary:
                     if name == "train_size":
-                        budget = (
-                            {"budget": "examples"}
-                            if args.train_size_budget == "examples"
-                            else {}
-                        )
                         runs += [
-                            _run(task, method, seed, train_size=size, **budget)
+                            _run(
+                                task,
+                                method,
+                                seed,
+                                **base,
+                                train_size=size,
+                                **budget,
+                            )
                             for size in args.train_sizes
                             for method in args.methods
                         ]
                     elif "bidora" in args.methods:
                         runs += [
-                            _run(task, "bidora", seed, **{name: value})
+                            _run(task, "bidora", seed, **base, **{name: value})
                             for value in VARIED[name]
                         ]
     return runs
@@ -348,13 +406,23 @@ def _sequence_length(task):
 
 
 def tokens(args, task, preset, log=print):
-    """The task's tokenized data: `(arrays, meta)`, cached in `--tokens`."""
-    path = os.path.join(args.tokens, f"{task}.npz")
-    meta_path = os.path.join(args.tokens, f"{task}.json")
+    """The task's tokenized data: `(arrays, meta)`, cached in `--tokens`
+    (`TASK.npz`, or `TASK-LENGTH.npz` at another sequence length than the
+    default)."""
+    length = args.sequence_length.get(task, _sequence_length(task))
+    name = task if length == _sequence_length(task) else f"{task}-{length}"
+    path = os.path.join(args.tokens, f"{name}.npz")
+    meta_path = os.path.join(args.tokens, f"{name}.json")
     if os.path.exists(path) and os.path.exists(meta_path):
         with open(meta_path) as file:
             meta = json.load(file)
         expected = _data_files(args, task)
+        if meta["sequence_length"] != length:
+            raise ValueError(
+                f"The cached tokens {path} have sequence length "
+                f"{meta['sequence_length']}, not {length}; remove the cache "
+                "or use another --tokens folder."
+            )
         if expected is not None and meta["files"] != expected:
             raise ValueError(
                 f"The cached tokens {path} were made from other data files "
@@ -372,7 +440,6 @@ def tokens(args, task, preset, log=print):
     limit = TRAIN_LIMITS.get(task)
     train = loaders.load_task(task, "train", limit, args.data_dir)
     dev = loaders.load_task(task, "dev", None, args.data_dir)
-    length = _sequence_length(task)
     start = time.perf_counter()
     encoder = preprocessing.Encoder(train.spec, preset, length)
     x_train, y_train = encoder.encode(train.texts, train.labels)
@@ -481,17 +548,39 @@ def epoch_budget(args, run, train_examples, full_examples):
     return budget, 0
 
 
+def train_indices(run, total):
+    """`(indices, full)`: the training examples of `run`, of the `total`
+    cached (None: all), and how many the task's full runs train on.
+
+    `train_sample` draws one sample for every method and seed; a
+    `train_size` subset, drawn from that sample where there is one, is the
+    same for every method at a seed and another at each seed.
+    """
+    changes = run["changes"]
+    pool = np.arange(total)
+    sample = changes.get("train_sample")
+    if sample is not None:
+        if sample >= total:
+            raise ValueError(
+                f"--train-sample {run['task']}={sample} is not smaller than "
+                f"its {total} training examples; leave the task out of "
+                "--train-sample to train on all of them."
+            )
+        rng = np.random.default_rng(SAMPLE_SEED)
+        pool = np.sort(rng.permutation(total)[:sample])
+    full = len(pool)
+    size = changes.get("train_size")
+    if size is not None and size < full:
+        rng = np.random.default_rng(1000 + run["seed"])
+        pool = pool[np.sort(rng.permutation(full)[:size])]
+    return (None if len(pool) == total else pool), full
+
+
 def train_one(keras, args, run, arrays, meta, preset):
     spec = task_spec_lib.get_task_spec(run["task"])
-    indices = None
-    size = run["changes"].get("train_size")
-    total = len(arrays["train_labels"])
-    if size is not None and size < total:
-        # The same subset for every method at a seed, another per seed.
-        rng = np.random.default_rng(1000 + run["seed"])
-        indices = np.sort(rng.permutation(total)[:size])
+    indices, full = train_indices(run, len(arrays["train_labels"]))
     prepared = Prepared(spec, arrays, meta, indices)
-    epochs, retrain_epochs = epoch_budget(args, run, len(prepared), total)
+    epochs, retrain_epochs = epoch_budget(args, run, len(prepared), full)
     argv = _train_argv(args, run, epochs, retrain_epochs)
     train_args = cli.build_parser().parse_args(argv)
     points = []
@@ -584,7 +673,7 @@ def run_study(args):
         if run_key(run) not in done
         # A subset as large as the training set is the main study's run.
         and run["changes"].get("train_size", 0)
-        < len(data[run["task"]][0]["train_labels"])
+        < train_indices(run, len(data[run["task"]][0]["train_labels"]))[1]
     ]
     print(
         f"{len(done)} runs on disk, {len(todo)} to run, backend "
@@ -628,9 +717,41 @@ def _fmt(pair, scale=100.0, digits=1):
     if pair is None:
         return "n/a"
     mean, sd = pair
+    mean = mean * scale
+    if round(mean, digits) == 0:
+        mean = 0.0  # not "-0.0"
     if math.isnan(sd):
-        return f"{mean * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f} ± {sd * scale:.{digits}f}"
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {sd * scale:.{digits}f}"
+
+
+def by_variant(records):
+    """`(records, tasks)`: the records with a variant's changes (see
+    `VARIANT_KEYS`) moved into the task's name, e.g. `cola, 1000 sampled`,
+    so that the tables show a variant as a task of its own; and the task
+    names in `TASKS` order, each task's variants after it."""
+    relabeled = []
+    for record in records:
+        changes = record["changes"]
+        keys = [key for key in VARIANT_KEYS if key in changes]
+        if keys:
+            parts = [record["task"]]
+            if "train_sample" in changes:
+                parts.append(f"{changes['train_sample']} sampled")
+            if "sequence_length" in changes:
+                parts.append(f"{changes['sequence_length']} tokens")
+            record = dict(
+                record,
+                task=", ".join(parts),
+                changes={k: v for k, v in changes.items() if k not in keys},
+            )
+        relabeled.append(record)
+    names = {r["task"] for r in relabeled}
+    tasks = []
+    for task in TASKS:
+        tasks += [task] if task in names else []
+        tasks += sorted(n for n in names if n.startswith(f"{task}, "))
+    return relabeled, tasks
 
 
 def _fastest(runs):
@@ -832,6 +953,7 @@ def write_report(args):
     if not records:
         print(f"No runs in {args.out}/runs.jsonl yet")
         return
+    records, tasks = by_variant(records)
     devices = sorted({r.get("device", "?") for r in records})
     backends = sorted({r["backend"] for r in records})
     header = (
@@ -844,20 +966,20 @@ def write_report(args):
         "run also pays for compiling).\n\n"
     )
     with open(os.path.join(args.out, "glue.md"), "w") as file:
-        file.write(header + main_table(records, TASKS) + "\n")
+        file.write(header + main_table(records, tasks) + "\n")
     with open(os.path.join(args.out, "sensitivity.md"), "w") as file:
         file.write(
             header + "BiDoRA's settings change one at a time (the others "
             "as in the main study); LoRA and DoRA are the main study's runs "
             "except in the train_size rows, where every method trains on "
             "the same seeded subset.\n\n"
-            + sensitivity_table(records, TASKS)
+            + sensitivity_table(records, tasks)
             + "\n"
         )
-    plot(records, TASKS, os.path.join(args.out, "glue.png"))
-    print(main_table(records, TASKS))
+    plot(records, tasks, os.path.join(args.out, "glue.png"))
+    print(main_table(records, tasks))
     print()
-    print(sensitivity_table(records, TASKS))
+    print(sensitivity_table(records, tasks))
 
 
 def main(argv=None):

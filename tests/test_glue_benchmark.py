@@ -163,6 +163,154 @@ class GlueBenchmarkTest(TestCase):
         cells = [c.strip() for c in rows[0].strip("|").split("|")]
         self.assertEqual(cells[2:6], ["50.0", "60.0", "70.0", "10.0 (1)"])
 
+    def test_train_sample_and_sequence_length_mark_every_run(self):
+        args = glue.parse_args(
+            [
+                "--out",
+                self.get_temp_dir(),
+                "--tasks",
+                "cola",
+                "rte",
+                "--sensitivity-tasks",
+                "cola",
+                "--vary",
+                "upper_fraction",
+                "train_size",
+                "--train-sizes",
+                "40",
+                "--train-sample",
+                "cola=100",
+                "--sequence-length",
+                "cola=32",
+                "rte=128",  # rte's default: no change to record
+            ]
+        )
+        runs = glue.planned_runs(args)
+        variant = {"train_sample": 100, "sequence_length": 32}
+        for run in runs:
+            expected = variant if run["task"] == "cola" else {}
+            self.assertEqual(
+                {k: run["changes"][k] for k in variant if k in run["changes"]},
+                expected,
+            )
+        self.assertIn(
+            {**variant, "upper_fraction": 0.1},
+            [r["changes"] for r in runs if r["method"] == "bidora"],
+        )
+        for bad in ("cola", "cola=0", "cola=x", "qnli=10"):
+            with pytest.raises(SystemExit):
+                glue.parse_args(["--train-sample", bad])
+
+    def test_train_indices_sample_once_and_subsets_per_seed(self):
+        total = 500
+        main = [
+            glue.train_indices(glue._run("cola", m, s, train_sample=100), total)
+            for m in glue.METHODS
+            for s in (0, 1)
+        ]
+        pool, full = main[0]
+        self.assertEqual(full, 100)
+        self.assertLen(np.unique(pool), 100)
+        self.assertTrue(np.all(np.diff(pool) > 0))
+        self.assertLess(pool.max(), total)
+        self.assertGreater(pool.max(), 100)  # a sample, not the first 100
+        for indices, _ in main[1:]:
+            np.testing.assert_array_equal(indices, pool)
+        subsets = []
+        for seed in (0, 1):
+            run = glue._run(
+                "cola", "dora", seed, train_sample=100, train_size=30
+            )
+            indices, full = glue.train_indices(run, total)
+            self.assertEqual(full, 100)  # the examples budget's reference
+            self.assertLen(np.unique(indices), 30)
+            self.assertTrue(set(indices) <= set(pool))
+            subsets.append(indices)
+        self.assertFalse(np.array_equal(*subsets))
+        # Without a sample, a subset is the one the committed runs used.
+        run = glue._run("sst2", "lora", 2, train_size=200)
+        indices, full = glue.train_indices(run, 1000)
+        expected = np.random.default_rng(1002).permutation(1000)[:200]
+        np.testing.assert_array_equal(indices, np.sort(expected))
+        self.assertEqual(full, 1000)
+        self.assertIsNone(glue.train_indices(glue._run("rte", "lora", 0), 9)[0])
+        with pytest.raises(ValueError, match="cola=500 is not smaller"):
+            glue.train_indices(
+                glue._run("cola", "lora", 0, train_sample=500), 500
+            )
+
+    def test_cached_tokens_at_another_length_are_kept_apart(self):
+        out = self.get_temp_dir()
+        args = glue.parse_args(
+            [
+                "--out",
+                out,
+                "--data-dir",
+                out,  # no data files: only the cache is read
+                "--sequence-length",
+                "cola=32",
+            ]
+        )
+        arrays = {"train_labels": np.arange(3), "dev_labels": np.arange(2)}
+        os.makedirs(args.tokens)
+        for name, length in (("cola", 64), ("cola-32", 32)):
+            np.savez(os.path.join(args.tokens, f"{name}.npz"), **arrays)
+            meta = {"sequence_length": length, "files": None}
+            with open(os.path.join(args.tokens, f"{name}.json"), "w") as f:
+                json.dump(meta, f)
+        _, meta = glue.tokens(args, "cola", None)
+        self.assertEqual(meta["sequence_length"], 32)
+        plain = glue.parse_args(["--out", out, "--data-dir", out])
+        self.assertEqual(
+            glue.tokens(plain, "cola", None)[1]["sequence_length"], 64
+        )
+        with open(os.path.join(args.tokens, "cola-32.json"), "w") as f:
+            json.dump({"sequence_length": 64, "files": None}, f)
+        with pytest.raises(ValueError, match="sequence length 64, not 32"):
+            glue.tokens(args, "cola", None)
+
+    def test_a_variant_is_a_task_of_its_own_in_the_tables(self):
+        sample = {"train_sample": 1000}
+        records = [
+            _record("cola", m, 0, 0.4, metric="mcc") for m in glue.METHODS
+        ]
+        records += [
+            _record("cola", m, s, 0.1 * (i + 1) + 0.01 * s, sample, "mcc")
+            for i, m in enumerate(glue.METHODS)
+            for s in (0, 1)
+        ]
+        varied = {**sample, "upper_fraction": 0.1}
+        records.append(_record("cola", "bidora", 0, 0.9, varied, "mcc"))
+        relabeled, tasks = glue.by_variant(records)
+        self.assertEqual(tasks, ["cola", "cola, 1000 sampled"])
+        self.assertEqual(records[3]["changes"], sample)  # not modified
+        rows = glue.main_table(relabeled, tasks).splitlines()[2:]
+        cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+        self.assertEqual(cells[0][:4], ["cola (mcc)", "40.0", "40.0", "40.0"])
+        self.assertEqual(
+            cells[1][:5],
+            [
+                "cola, 1000 sampled (mcc)",
+                "10.5 ± 0.7",
+                "20.5 ± 0.7",
+                "30.5 ± 0.7",
+                "10.0 ± 0.0 (2)",
+            ],
+        )
+        table = glue.sensitivity_table(relabeled, tasks)
+        row = next(r for r in table.splitlines() if "upper_fraction=0.1" in r)
+        # Against the sample's DoRA runs (20 and 21), not the full set's.
+        self.assertIn("| cola, 1000 sampled (mcc) |", row)
+        self.assertIn("| 90.0 | 70.0 (1) |", row)
+        label = glue.by_variant(
+            [_record("stsb", "lora", 0, 0.5, {**sample, "sequence_length": 64})]
+        )[1]
+        self.assertEqual(label, ["stsb, 1000 sampled, 64 tokens"])
+
+    def test_a_mean_that_rounds_to_zero_has_no_sign(self):
+        self.assertEqual(glue._fmt((-0.0004, 0.012)), "0.0 ± 1.2")
+        self.assertEqual(glue._fmt((-0.0006, float("nan"))), "-0.1")
+
     def test_resumes_from_runs_on_disk_after_a_cut_line(self):
         path = os.path.join(self.get_temp_dir(), "runs.jsonl")
         first = _record("rte", "lora", 0, 0.5)
