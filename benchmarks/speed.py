@@ -270,11 +270,8 @@ def run_backend(backend, args):
         reference = _reference(row["name"])
         if reference in by_name:
             reference_s = by_name[reference]["step_s"]
-            row[
-                "ratio_to_keras_lora"
-                if reference == "keras_lora"
-                else "ratio_to_base_inference"
-            ] = round(row["step_s"] / reference_s, 3)
+            ratio = round(row["step_s"] / reference_s, 3)
+            row[f"ratio_to_{reference}"] = ratio
             # Kept with the row: a later run may replace the reference row.
             row["reference_step_s"] = reference_s
     return rows
@@ -297,9 +294,7 @@ def _markdown(rows, args):
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        ratio = row.get(
-            "ratio_to_keras_lora", row.get("ratio_to_base_inference")
-        )
+        ratio = row.get(f"ratio_to_{_reference(row['name'])}")
         reference = row.get("reference_step_s")
         reference = "" if reference is None else f"{reference:.4f}"
         lines.append(
