@@ -21,6 +21,13 @@ study's runs give "all"). A subset trains the same epoch budget as the full
 set, or with `--train-size-budget examples` as many more epochs as make
 its examples seen, and so its steps, those of the full set's run.
 
+To fit a study into CPU time, `--train-sample TASK=N` trains a task on a
+seeded random sample of N of its training examples (one sample for every
+method and seed; the files' order is by source or genre, so their first N
+would not do) and `--sequence-length TASK=N` sets its sequence length.
+Every run of the task records them, and the tables show such a variant as
+a task of its own (e.g. `stsb, 1000 sampled, 64 tokens`).
+
 Each finished run is appended to `OUT/runs.jsonl` at once, and runs
 already there are not run again, so an interrupted study resumes where it
 stopped. `--report` (also done at the end of every study) writes
@@ -36,6 +43,10 @@ Usage:
 
     # The study as committed (full GLUE training sets from ../shared/data):
     python benchmarks/glue.py --data-dir ../shared/data
+    # CoLA and STS-B sized for 2 CPU cores, as committed:
+    python benchmarks/glue.py --data-dir ../shared/data --study main \\
+        --tasks cola stsb --train-sample cola=1000 stsb=1000 \\
+        --sequence-length stsb=64
     # Only write the tables and the plot from the runs on disk:
     python benchmarks/glue.py --report
 """
