@@ -102,8 +102,8 @@ TRAIN_SIZES = (200, 1000)
 # Changes that make a task's runs a variant of the study (a sample of its
 # training set, another sequence length), not a sensitivity setting: every
 # run of the task carries them, and the report shows the variant as a task
-# of its own.
-VARIANT_KEYS = ("train_sample", "sequence_length")
+# of its own, named with these labels.
+VARIANT_LABELS = {"train_sample": "{} sampled", "sequence_length": "{} tokens"}
 # The seed of `--train-sample`'s sample: one sample for every method and
 # seed, so that a paired difference compares methods on the same data.
 SAMPLE_SEED = 12345
@@ -245,16 +245,20 @@ def parse_args(argv=None):
         parser.error(
             "--limit runs are checks, not results: give them another --out"
         )
-    args.train_sample = _task_numbers(parser, "--train-sample", args)
-    args.sequence_length = _task_numbers(parser, "--sequence-length", args)
+    args.train_sample = _task_numbers(
+        parser, "--train-sample", args.train_sample
+    )
+    args.sequence_length = _task_numbers(
+        parser, "--sequence-length", args.sequence_length
+    )
     args.tokens = args.tokens or os.path.join(args.out, "tokens")
     return args
 
 
-def _task_numbers(parser, flag, args):
-    """`{task: N}` from a `TASK=N ...` option's values."""
+def _task_numbers(parser, flag, values):
+    """`{task: N}` from the values of the `TASK=N ...` option `flag`."""
     numbers = {}
-    for value in getattr(args, flag[2:].replace("-", "_")):
+    for value in values:
         task, _, number = value.partition("=")
         if task not in TASKS or not number.isdigit() or int(number) < 1:
             parser.error(
@@ -266,11 +270,11 @@ def _task_numbers(parser, flag, args):
 
 
 def variant(args, task):
-    """The changes every run of `task` carries (see `VARIANT_KEYS`)."""
+    """The changes every run of `task` carries (see `VARIANT_LABELS`)."""
     changes = {}
     if task in args.train_sample:
         changes["train_sample"] = args.train_sample[task]
-    length = args.sequence_length.get(task, _sequence_length(task))
+    length = sequence_length(args, task)
     if length != _sequence_length(task):
         changes["sequence_length"] = length
     return changes
@@ -413,14 +417,20 @@ def _split(arrays, split):
 
 
 def _sequence_length(task):
+    """`keras-bidora train`'s default sequence length for `task`."""
     return cli.DEFAULT_SEQUENCE_LENGTHS.get(task, cli.DEFAULT_SEQUENCE_LENGTH)
+
+
+def sequence_length(args, task):
+    """`task`'s sequence length in this study (`--sequence-length`)."""
+    return args.sequence_length.get(task, _sequence_length(task))
 
 
 def tokens(args, task, preset, log=print):
     """The task's tokenized data: `(arrays, meta)`, cached in `--tokens`
     (`TASK.npz`, or `TASK-LENGTH.npz` at another sequence length than the
     default)."""
-    length = args.sequence_length.get(task, _sequence_length(task))
+    length = sequence_length(args, task)
     name = task if length == _sequence_length(task) else f"{task}-{length}"
     path = os.path.join(args.tokens, f"{name}.npz")
     meta_path = os.path.join(args.tokens, f"{name}.json")
@@ -738,19 +748,16 @@ def _fmt(pair, scale=100.0, digits=1):
 
 def by_variant(records):
     """`(records, tasks)`: the records with a variant's changes (see
-    `VARIANT_KEYS`) moved into the task's name, e.g. `cola, 1000 sampled`,
+    `VARIANT_LABELS`) moved into the task's name, e.g. `cola, 1000 sampled`,
     so that the tables show a variant as a task of its own; and the task
     names in `TASKS` order, each task's variants after it."""
     relabeled = []
     for record in records:
         changes = record["changes"]
-        keys = [key for key in VARIANT_KEYS if key in changes]
+        keys = [key for key in VARIANT_LABELS if key in changes]
         if keys:
             parts = [record["task"]]
-            if "train_sample" in changes:
-                parts.append(f"{changes['train_sample']} sampled")
-            if "sequence_length" in changes:
-                parts.append(f"{changes['sequence_length']} tokens")
+            parts += [VARIANT_LABELS[key].format(changes[key]) for key in keys]
             record = dict(
                 record,
                 task=", ".join(parts),

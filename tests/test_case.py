@@ -102,7 +102,18 @@ class TestCase(parameterized.TestCase):
     def assertAllClose(self, a, b, atol=1e-6, rtol=1e-6, msg=None):
         a = tree.map_structure(to_numpy, a)
         b = tree.map_structure(to_numpy, b)
-        for x, y in zip(tree.flatten(a), tree.flatten(b), strict=True):
+        flat_a, flat_b = tree.flatten(a), tree.flatten(b)
+        if len(flat_a) != len(flat_b):
+            # Before comparing any pair: an array against a list of numbers
+            # would otherwise be compared with the list's first number.
+            self.fail(
+                f"{msg + ': ' if msg else ''}the structures differ: "
+                f"{len(flat_a)} arrays against {len(flat_b)} (pass a list "
+                "of numbers as one np.array). Received shapes: "
+                f"{tree.map_structure(np.shape, a)} and "
+                f"{tree.map_structure(np.shape, b)}"
+            )
+        for x, y in zip(flat_a, flat_b):
             np.testing.assert_allclose(
                 _comparable(x),
                 _comparable(y),
