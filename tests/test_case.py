@@ -99,7 +99,9 @@ class TestCase(parameterized.TestCase):
         self.addCleanup(lambda: shutil.rmtree(temp_dir, ignore_errors=True))
         return temp_dir
 
-    def assertAllClose(self, a, b, atol=1e-6, rtol=1e-6, msg=None):
+    def _flat_pairs(self, a, b, msg=None):
+        """The leaves of `a` and `b` as NumPy pairs; fails if the two
+        structures have different numbers of leaves."""
         a = tree.map_structure(to_numpy, a)
         b = tree.map_structure(to_numpy, b)
         flat_a, flat_b = tree.flatten(a), tree.flatten(b)
@@ -113,7 +115,10 @@ class TestCase(parameterized.TestCase):
                 f"{tree.map_structure(np.shape, a)} and "
                 f"{tree.map_structure(np.shape, b)}"
             )
-        for x, y in zip(flat_a, flat_b):
+        return list(zip(flat_a, flat_b))
+
+    def assertAllClose(self, a, b, atol=1e-6, rtol=1e-6, msg=None):
+        for x, y in self._flat_pairs(a, b, msg):
             np.testing.assert_allclose(
                 _comparable(x),
                 _comparable(y),
@@ -123,6 +128,8 @@ class TestCase(parameterized.TestCase):
             )
 
     def assertNotAllClose(self, a, b, atol=1e-6, rtol=1e-6, msg=None):
+        # Structures that differ are an error, not a sign of "not close".
+        self._flat_pairs(a, b, msg)
         try:
             self.assertAllClose(a, b, atol=atol, rtol=rtol)
         except AssertionError:

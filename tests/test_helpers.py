@@ -28,3 +28,8 @@ class AssertAllCloseTest(TestCase):
         self.assertNotAllClose(np.zeros(2), np.ones(2))
         with self.assertRaises(AssertionError):
             self.assertNotAllClose(np.zeros(2), np.zeros(2))
+
+    def test_not_all_close_fails_on_different_structures(self):
+        # Not "not close": the comparison itself is wrong.
+        with self.assertRaisesRegex(AssertionError, "structures differ"):
+            self.assertNotAllClose(np.zeros(2), [1.0, 2.0, 3.0])
