@@ -97,8 +97,8 @@ class SpeedBenchmarkTest(TestCase):
             table = f.read()
         self.assertIn("`first`", table)
         self.assertIn("`second`", table)
-        self.assertIn("| dora | 2.2000 | 1.1 | 2.0000 |", table)
-        self.assertIn("| bidora_darts_k4 | 6.0000 | 1.5 | 4.0000 |", table)
+        self.assertIn("| dora | 2.2000 | 1.1 | <= 1.1 met | 2.0000 |", table)
+        self.assertIn("| bidora_darts_k4 | 6.0000 | 1.5 |  | 4.0000 |", table)
 
     def test_reference_of_a_row_from_another_command_is_not_guessed(self):
         results, args = self._results_folder()
@@ -113,3 +113,53 @@ class SpeedBenchmarkTest(TestCase):
         by_name = {row["name"]: row for row in rows}
         self.assertNotIn("reference_step_s", by_name["dora"])
         self.assertEqual(by_name["keras_lora"]["reference_step_s"], 3.0)
+
+    def test_targets_are_checked_and_misses_explained(self):
+        results, args = self._results_folder()
+        # The targets: DoRA <= 1.1x, first_order k4 <= 1.4x, darts
+        # k1 <= 3.0x Keras LoRA; merged inference within 5% of the base.
+        rows = [
+            _row("keras_lora", 1.0, "run", 1.0),
+            _row("dora", 1.12, "run", 1.0),
+            _row("bidora_first_order_k4", 1.38, "run", 1.0),
+            _row("bidora_darts_k1", 3.4, "run", 1.0),
+            _row("bidora_darts_k4", 1.9, "run", 1.0),
+            _row("base_inference", 0.5, "run", 0.5),
+            _row("merged_inference", 0.47, "run", 0.5),
+        ]
+        saved = {row["name"]: row for row in speed._save("jax", rows, args)}
+        self.assertFalse(saved["dora"]["target_met"])
+        self.assertTrue(saved["bidora_first_order_k4"]["target_met"])
+        self.assertFalse(saved["bidora_darts_k1"]["target_met"])
+        # 0.94x the base model's step is as much a miss as 1.06x.
+        self.assertFalse(saved["merged_inference"]["target_met"])
+        self.assertEqual(saved["merged_inference"]["target"], "0.95-1.05")
+        for name in ("keras_lora", "bidora_darts_k4", "base_inference"):
+            self.assertNotIn("target", saved[name])
+        with open(os.path.join(results, "speed-jax.json")) as f:
+            on_file = {row["name"]: row for row in json.load(f)}
+        self.assertFalse(on_file["bidora_darts_k1"]["target_met"])
+        with open(os.path.join(results, "speed-jax.md")) as f:
+            table = f.read()
+        self.assertIn(
+            "| bidora_darts_k1 | 3.4000 | 3.4 | <= 3.0 MISSED |", table
+        )
+        self.assertIn(
+            "| bidora_first_order_k4 | 1.3800 | 1.38 | <= 1.4 met |", table
+        )
+        # Each missed row, and only those, says what is left.
+        left = table.split("Missed targets, and what is left:")[1]
+        self.assertIn("`bidora_darts_k1`: A `darts` step makes 4", left)
+        self.assertIn("`dora`:", left)
+        self.assertIn("`merged_inference`:", left)
+        self.assertNotIn("`bidora_first_order_k4`", left)
+
+    def test_a_row_without_its_reference_has_no_verdict(self):
+        results, args = self._results_folder()
+        rows = speed._save("jax", [_row("dora", 1.0, "run")], args)
+        self.assertEqual(rows[0]["target"], "<= 1.1")
+        self.assertIsNone(rows[0]["target_met"])
+        with open(os.path.join(results, "speed-jax.md")) as f:
+            table = f.read()
+        self.assertIn("| dora | 1.0000 | None | <= 1.1 |", table)
+        self.assertNotIn("Missed targets", table)
