@@ -5,10 +5,10 @@ from keras_bidora.injection import injection_config
 from keras_bidora.injection import summary
 from keras_bidora.layers.bidora_dense import BiDoRADense
 from keras_bidora.layers.bidora_dense import direction_regularization
-from keras_bidora.models.bidora_model import BiDoRAModel
 from keras_bidora.saving import load_adapter_weights
 from keras_bidora.saving import merge
 from keras_bidora.saving import save_adapter_weights
+from keras_bidora.training.model import BiDoRAModel
 
 __version__ = "0.1.0"
 

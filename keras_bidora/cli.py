@@ -853,7 +853,7 @@ def train_method(
         (both `None` without `merge`).
     """
     from keras_bidora.injection import inject
-    from keras_bidora.models.bidora_model import BiDoRAModel
+    from keras_bidora.training.model import BiDoRAModel
 
     x_train, y_train = prepared.x_train, prepared.y_train
     x_dev, y_dev = prepared.x_dev, prepared.y_dev

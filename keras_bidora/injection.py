@@ -7,6 +7,7 @@ import re
 
 import keras
 
+from keras_bidora import config
 from keras_bidora.layers.bidora_dense import BiDoRADense
 from keras_bidora.layers.bidora_dense import adapted_layers
 
@@ -40,7 +41,14 @@ class _Injection:
         self.paths = paths
 
 
-def inject(model, rank=8, alpha=None, targets=None, dropout=0.0, **kwargs):
+def inject(
+    model,
+    rank=config.RANK,
+    alpha=None,
+    targets=None,
+    dropout=config.DROPOUT,
+    **kwargs,
+):
     """Replaces a model's `Dense`/`EinsumDense` layers by `BiDoRADense`.
 
     Each adapted layer is wrapped in a `BiDoRADense` that takes its place
@@ -66,7 +74,7 @@ def inject(model, rank=8, alpha=None, targets=None, dropout=0.0, **kwargs):
             functional or subclassed model).
         rank: int >= 1, the rank of each adapter.
         alpha: positive float, the scale numerator (`s = alpha / rank`).
-            Defaults to `rank`.
+            Defaults to `2 * rank` (see `keras_bidora.config`).
         targets: the layers to adapt: a list of layer names or of regular
             expressions, each matched against the end of the layer paths
             at a `/` boundary (`"query"` matches
@@ -176,7 +184,9 @@ def inject(model, rank=8, alpha=None, targets=None, dropout=0.0, **kwargs):
     paths = [path for path, _ in selected]
     settings = {
         "rank": rank,
-        "alpha": alpha,
+        # Resolved, so that a saved config keeps its scale if the default
+        # changes.
+        "alpha": wrappers[0].alpha if wrappers else alpha,
         "targets": None if targets is None else _target_list(targets),
         "dropout": dropout,
         **layer_kwargs,

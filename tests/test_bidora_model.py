@@ -23,7 +23,7 @@ import pytest
 
 from keras_bidora import BiDoRADense
 from keras_bidora import BiDoRAModel
-from keras_bidora import hypergradients
+from keras_bidora.training import hypergradients
 from tests.test_case import TestCase
 from tests.test_case import to_numpy
 from tests.test_hypergradients import grad

@@ -1,4 +1,5 @@
-"""Tests for `keras_bidora.hypergradients` against independent references.
+"""Tests for `keras_bidora.training.hypergradients` against independent
+references.
 
 The references are computed here with each backend's own autodiff (JAX
 `jax.grad`, TensorFlow nested `GradientTape`s, `torch.autograd.grad` with
@@ -14,8 +15,8 @@ import numpy as np
 from keras import ops
 
 from keras_bidora import BiDoRADense
-from keras_bidora import backend as backend_lib
-from keras_bidora import hypergradients
+from keras_bidora.training import backend as backend_lib
+from keras_bidora.training import hypergradients
 from tests.test_case import TestCase
 from tests.test_case import to_numpy
 
@@ -34,7 +35,8 @@ def jit(fn):
     return fn
 
 
-# Per-backend autodiff, written independently of `keras_bidora.backend`.
+# Per-backend autodiff, written independently of
+# `keras_bidora.training.backend`.
 
 
 def grad(fn, params):
@@ -143,7 +145,7 @@ class Problem:
         penalty = sum(ops.sum(ops.square(x)) for x in w)
         return self._loss(w, m, batch) + self.ridge * penalty
 
-    # The interface `keras_bidora.hypergradients` expects.
+    # The interface `keras_bidora.training.hypergradients` expects.
     def lower_loss(self, w, m, batch):
         self.lower_calls += 1
         return self._lower(w, m, batch), ()

@@ -80,7 +80,7 @@ class AdapterWeightsTest(TestCase):
             ],
             {
                 "rank": 4,
-                "alpha": 4,
+                "alpha": 8,  # the default, 2 * rank
                 "magnitude": True,
                 "kernel_shape": [16, 2, 8],
             },

@@ -6,6 +6,8 @@ import string
 import keras
 from keras import ops
 
+from keras_bidora import config
+
 _MIXED_VARIABLE_DTYPES = ("float16", "bfloat16")
 
 
@@ -94,7 +96,7 @@ class BiDoRADense(keras.layers.Layer):
         layer: a built `keras.layers.Dense` or `keras.layers.EinsumDense`.
         rank: int >= 1, the rank of the direction update.
         alpha: positive float, the scale numerator; `s = alpha / rank`.
-            Defaults to `rank` (so `s = 1`).
+            Defaults to `2 * rank` (so `s = 2`, see `keras_bidora.config`).
         dropout: float in [0, 1), dropout on the adapter's input.
         detach_norm: bool. If `True`, the column norm is treated as a
             constant in the backward pass (DoRA paper, section 4.3), which
@@ -132,12 +134,12 @@ class BiDoRADense(keras.layers.Layer):
     def __init__(
         self,
         layer,
-        rank=8,
+        rank=config.RANK,
         alpha=None,
-        dropout=0.0,
-        detach_norm=False,
+        dropout=config.DROPOUT,
+        detach_norm=config.DETACH_NORM,
         magnitude=True,
-        lora_a_initializer="he_uniform",
+        lora_a_initializer=config.LORA_A_INITIALIZER,
         **kwargs,
     ):
         if not isinstance(
@@ -170,7 +172,7 @@ class BiDoRADense(keras.layers.Layer):
                 f"rank must be a positive integer. Received: rank={rank}"
             )
         if alpha is None:
-            alpha = rank
+            alpha = config.default_alpha(rank)
         if (
             isinstance(alpha, bool)
             or not isinstance(alpha, (int, float))

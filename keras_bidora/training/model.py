@@ -6,13 +6,13 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_bidora import backend as backend_lib
-from keras_bidora import hypergradients
 from keras_bidora.distribution import distribute_adapters
 from keras_bidora.layers.bidora_dense import adapted_layers
 from keras_bidora.layers.bidora_dense import direction_regularization
-from keras_bidora.models.bilevel_dataset import BiLevelDataset
-from keras_bidora.models.bilevel_dataset import split_sources
+from keras_bidora.training import backend as backend_lib
+from keras_bidora.training import hypergradients
+from keras_bidora.training.bilevel_dataset import BiLevelDataset
+from keras_bidora.training.bilevel_dataset import split_sources
 
 METHODS = ("bidora", "dora")
 
@@ -81,9 +81,9 @@ class BiDoRAModel(keras.Model):
     - upper level, every `upper_every` steps: the magnitudes take a step of
       `upper_optimizer` on an upper batch, along the hypergradient chosen by
       `hypergradient` (`"first_order"`, `"darts"`, `"darts_forward"` or
-      `"neumann"`, see `keras_bidora.hypergradients`), computed at the same
-      direction as the lower gradient, which it reuses (`"darts_forward"`
-      also reuses the lower loss's gradient in the magnitudes, taken in the
+      `"neumann"`, see `keras_bidora.training.hypergradients`), computed at
+      the same direction as the lower gradient, which it reuses
+      (`"darts_forward"` also reuses the lower loss's gradient in the magnitudes, taken in the
       lower step's backward pass but never applied by `optimizer`).
 
     `fit` splits its training data, seeded, into a lower split

@@ -9,9 +9,9 @@ estimator takes a `problem` with two stateless losses,
 
 (`w` and `m` lists of tensors) and returns `(upper_loss, hypergradient)`.
 They are written once with `keras.ops` on top of the backend's
-`value_and_grad` (see `keras_bidora.backend`). Every estimator takes the
-same arguments; `lower_magnitude_grads` (`grad_m L_low(w, m)`, which the
-lower step then computes along with `g`) is used only by the estimators in
+`value_and_grad` (see `keras_bidora.training.backend`). Every estimator
+takes the same arguments; `lower_magnitude_grads` (`grad_m L_low(w, m)`,
+which the lower step then computes along with `g`) is used only by the estimators in
 `NEEDS_LOWER_MAGNITUDE_GRADS` and ignored by the others.
 
 Cost per upper step, in forward+backward passes of the model:
@@ -38,7 +38,8 @@ Reference:
 
 from keras import ops
 
-HYPERGRADIENTS = ("first_order", "darts", "darts_forward", "neumann")
+from keras_bidora.config import HYPERGRADIENTS
+
 # Estimators that take `lower_magnitude_grads` from the lower step.
 NEEDS_LOWER_MAGNITUDE_GRADS = ("darts_forward",)
 

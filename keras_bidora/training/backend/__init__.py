@@ -15,7 +15,7 @@ Each backend module provides the same three functions:
   `tf.cond` branch may not sum across replicas).
 
 Everything else of the bi-level step is written once, on top of these, in
-`keras_bidora.hypergradients` and `keras_bidora.models.bidora_model`.
+`keras_bidora.training.hypergradients` and `keras_bidora.training.model`.
 """
 
 import importlib
@@ -31,4 +31,4 @@ def get():
             "keras-bidora supports the jax, tensorflow and torch backends. "
             f"Received: KERAS_BACKEND={name}"
         )
-    return importlib.import_module(f"keras_bidora.backend.{name}")
+    return importlib.import_module(f"keras_bidora.training.backend.{name}")
