@@ -11,8 +11,8 @@ estimator takes a `problem` with two stateless losses,
 They are written once with `keras.ops` on top of the backend's
 `value_and_grad` (see `keras_bidora.training.backend`). Every estimator
 takes the same arguments; `lower_magnitude_grads` (`grad_m L_low(w, m)`,
-which the lower step then computes along with `g`) is used only by the estimators in
-`NEEDS_LOWER_MAGNITUDE_GRADS` and ignored by the others.
+which the lower step then computes along with `g`) is used only by the
+estimators in `NEEDS_LOWER_MAGNITUDE_GRADS` and ignored by the others.
 
 Cost per upper step, in forward+backward passes of the model:
 
