@@ -84,7 +84,8 @@ class BiDoRAModel(keras.Model):
       `"neumann"`, see `keras_bidora.training.hypergradients`), computed at
       the same direction as the lower gradient, which it reuses
       (`"darts_forward"` also reuses the lower loss's gradient in the
-      magnitudes, taken in the       lower step's backward pass but never applied by `optimizer`).
+      magnitudes, taken in the lower step's backward pass but never
+      applied by `optimizer`).
 
     `fit` splits its training data, seeded, into a lower split
     (`1 - upper_fraction`) and an upper split, unless `upper_data` is given.
