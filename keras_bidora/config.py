@@ -62,6 +62,7 @@ RETRAIN_EPOCHS = 1
 # or a fresh one (as BiDoRA's official code).
 RETRAIN_INITS = ("continue", "reinitialize")
 RETRAIN_INIT = "continue"
+# Also what `BiDoRAModel.fit` uses when given none, as `keras.Model.fit`.
 BATCH_SIZE = 32
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.0

@@ -24,6 +24,7 @@ import pytest
 from keras_bidora import BiDoRADense
 from keras_bidora import BiDoRAModel
 from keras_bidora.training import hypergradients
+from keras_bidora.training import step as step_lib
 from tests.test_case import TestCase
 from tests.test_case import to_numpy
 from tests.test_hypergradients import grad
@@ -41,6 +42,7 @@ def adapter(units, in_dim, name, magnitude=True):
     layer = BiDoRADense(
         dense,
         rank=2,
+        alpha=2,
         detach_norm=False,
         magnitude=magnitude,
         name=f"{name}_adapter",
@@ -282,7 +284,7 @@ class BiDoRAModelTest(TestCase):
 
     def test_model_passes_per_upper_step(self):
         # Forward+backward passes of one train step with an upper update,
-        # counted as calls of the stateless loss (run eagerly: on JAX,
+        # counted as calls of the step's stateless loss (run eagerly: on JAX,
         # `lax.cond` traces the upper branch once per step): the lower pass,
         # plus 1 (first_order), 3 (darts) or 2 (darts_forward, which takes
         # grad_m L_low(w, m) from the lower pass).
@@ -296,13 +298,13 @@ class BiDoRAModelTest(TestCase):
                 hypergradient=name, compile_kwargs={"run_eagerly": True}
             )
             calls = []
-            original = model._stateless_loss
+            original = step_lib._Step.loss
 
             def counting(*args, original=original, calls=calls, **kwargs):
                 calls.append(1)
                 return original(*args, **kwargs)
 
-            with mock.patch.object(model, "_stateless_loss", counting):
+            with mock.patch.object(step_lib._Step, "loss", counting):
                 # 8 lower samples, 2 upper: one step, an upper one.
                 model.fit(x, y, batch_size=8, verbose=0)
             self.assertLen(calls, passes, msg=name)

@@ -244,7 +244,9 @@ def _adapter(units, in_dim, rng, name):
     dense.build((None, in_dim))
     dense.kernel.assign(rng.normal(size=(in_dim, units)) / np.sqrt(in_dim))
     dense.bias.assign(rng.normal(size=(units,)) * 0.1)
-    adapter = BiDoRADense(dense, rank=2, detach_norm=False, name=f"{name}_ad")
+    adapter = BiDoRADense(
+        dense, rank=2, alpha=2, detach_norm=False, name=f"{name}_ad"
+    )
     adapter.build((None, in_dim))
     # Move B off zero (so every direction gradient is non-zero) and m off
     # the column norms (so the normalisation matters).

@@ -135,57 +135,65 @@ def split_sources(
             )
         batches = materialize_batches(x)
         if upper_data is None:
-            if len(batches) < 2:
-                raise ValueError(
-                    "The dataset has fewer than 2 batches, so no batch is "
-                    "left for the upper split. Pass more data, a smaller "
-                    "batch size, or `upper_data`. Received: "
-                    f"{len(batches)} batch(es)"
-                )
-            order = np.random.default_rng(seed).permutation(len(batches))
-            n_upper = min(
-                len(batches) - 1, max(1, round(len(batches) * upper_fraction))
-            )
-            upper = BatchSource(
-                [batches[i] for i in sorted(order[:n_upper])], shuffle, seed
-            )
-            lower = BatchSource(
-                [batches[i] for i in sorted(order[n_upper:])], shuffle, seed
-            )
-            return lower, upper
+            return _split_batches(batches, upper_fraction, shuffle, seed)
         lower = BatchSource(batches, shuffle, seed)
     else:
         if upper_data is None:
-            size = _num_samples((x, y, sample_weight))
-            n_upper = round(size * upper_fraction)
-            if n_upper < 1 or n_upper >= size:
-                raise ValueError(
-                    f"upper_fraction={upper_fraction} of {size} training "
-                    f"samples leaves {n_upper} for the upper split and "
-                    f"{size - n_upper} for the lower split; both must be "
-                    "non-empty. Pass more data, another upper_fraction, or "
-                    "`upper_data`."
-                )
-            order = np.random.default_rng(seed).permutation(size)
-            upper_idx, lower_idx = (
-                np.sort(order[:n_upper]),
-                np.sort(order[n_upper:]),
-            )
-            lower = ArraySource(
-                *_take((x, y, sample_weight), lower_idx),
+            return _split_arrays(
+                (x, y, sample_weight),
+                upper_fraction,
                 batch_size,
+                upper_batch_size,
                 shuffle,
                 seed,
             )
-            upper = ArraySource(
-                *_take((x, y, sample_weight), upper_idx),
-                upper_batch_size,
-                shuffle,
-                seed + 1,
-            )
-            return lower, upper
         lower = ArraySource(x, y, sample_weight, batch_size, shuffle, seed)
     upper = upper_source(upper_data, upper_batch_size, shuffle, seed + 1)
+    return lower, upper
+
+
+def _split_batches(batches, upper_fraction, shuffle, seed):
+    """A seeded `upper_fraction` of the batches (at least one each side)."""
+    if len(batches) < 2:
+        raise ValueError(
+            "The dataset has fewer than 2 batches, so no batch is "
+            "left for the upper split. Pass more data, a smaller "
+            "batch size, or `upper_data`. Received: "
+            f"{len(batches)} batch(es)"
+        )
+    order = np.random.default_rng(seed).permutation(len(batches))
+    n_upper = min(
+        len(batches) - 1, max(1, round(len(batches) * upper_fraction))
+    )
+    upper = BatchSource(
+        [batches[i] for i in sorted(order[:n_upper])], shuffle, seed
+    )
+    lower = BatchSource(
+        [batches[i] for i in sorted(order[n_upper:])], shuffle, seed
+    )
+    return lower, upper
+
+
+def _split_arrays(
+    data, upper_fraction, batch_size, upper_batch_size, shuffle, seed
+):
+    """A seeded `upper_fraction` of the samples of `(x, y, sample_weight)`."""
+    size = _num_samples(data)
+    n_upper = round(size * upper_fraction)
+    if n_upper < 1 or n_upper >= size:
+        raise ValueError(
+            f"upper_fraction={upper_fraction} of {size} training "
+            f"samples leaves {n_upper} for the upper split and "
+            f"{size - n_upper} for the lower split; both must be "
+            "non-empty. Pass more data, another upper_fraction, or "
+            "`upper_data`."
+        )
+    order = np.random.default_rng(seed).permutation(size)
+    upper_idx, lower_idx = np.sort(order[:n_upper]), np.sort(order[n_upper:])
+    lower = ArraySource(*_take(data, lower_idx), batch_size, shuffle, seed)
+    upper = ArraySource(
+        *_take(data, upper_idx), upper_batch_size, shuffle, seed + 1
+    )
     return lower, upper
 
 

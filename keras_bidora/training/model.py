@@ -6,23 +6,15 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_bidora import _keras_compat
+from keras_bidora import config
 from keras_bidora.distribution import distribute_adapters
 from keras_bidora.layers.bidora_dense import adapted_layers
-from keras_bidora.layers.bidora_dense import direction_regularization
-from keras_bidora.training import backend as backend_lib
 from keras_bidora.training import hypergradients
 from keras_bidora.training.bilevel_dataset import BiLevelDataset
 from keras_bidora.training.bilevel_dataset import split_sources
-
-METHODS = ("bidora", "dora")
-
-
-class _Problem:
-    """The two stateless losses the hypergradient estimators differentiate."""
-
-    def __init__(self, lower_loss, upper_loss):
-        self.lower_loss = lower_loss
-        self.upper_loss = upper_loss
+from keras_bidora.training.partition import Partition
+from keras_bidora.training.step import STEPS
 
 
 class _NonFiniteLossGuard(keras.callbacks.Callback):
@@ -142,17 +134,17 @@ class BiDoRAModel(keras.Model):
     def __init__(
         self,
         model,
-        rank=8,
+        rank=config.RANK,
         alpha=None,
         targets=None,
-        dropout=0.0,
-        upper_fraction=0.2,
-        hypergradient="first_order",
-        upper_every=1,
+        dropout=config.DROPOUT,
+        upper_fraction=config.UPPER_FRACTION,
+        hypergradient=config.HYPERGRADIENT,
+        upper_every=config.UPPER_EVERY,
         upper_batch_size=None,
-        direction_regularization=1e-5,
-        neumann_terms=3,
-        method="bidora",
+        direction_regularization=config.DIRECTION_REGULARIZATION,
+        neumann_terms=config.NEUMANN_TERMS,
+        method=config.METHOD,
         seed=None,
         **kwargs,
     ):
@@ -166,47 +158,15 @@ class BiDoRAModel(keras.Model):
                 "BiDoRAModel wraps a keras.Model (a KerasHub backbone or "
                 f"task). Received: model={model!r}"
             )
-        if not (
-            isinstance(upper_fraction, (int, float)) and 0 < upper_fraction < 1
-        ):
-            raise ValueError(
-                "upper_fraction must be a number in (0, 1). Received: "
-                f"upper_fraction={upper_fraction}"
-            )
-        hypergradients.get(hypergradient)
-        if (
-            isinstance(upper_every, bool)
-            or not isinstance(upper_every, int)
-            or upper_every < 1
-        ):
-            raise ValueError(
-                "upper_every must be a positive integer. Received: "
-                f"upper_every={upper_every}"
-            )
-        if upper_batch_size is not None and (
-            not isinstance(upper_batch_size, int) or upper_batch_size < 1
-        ):
-            raise ValueError(
-                "upper_batch_size must be a positive integer or None. "
-                f"Received: upper_batch_size={upper_batch_size}"
-            )
-        if not (
-            isinstance(direction_regularization, (int, float))
-            and direction_regularization >= 0
-        ):
-            raise ValueError(
-                "direction_regularization must be a number >= 0. Received: "
-                f"direction_regularization={direction_regularization}"
-            )
-        if not isinstance(neumann_terms, int) or neumann_terms < 0:
-            raise ValueError(
-                "neumann_terms must be an integer >= 0. Received: "
-                f"neumann_terms={neumann_terms}"
-            )
-        if method not in METHODS:
-            raise ValueError(
-                f"method must be one of {METHODS}. Received: method={method!r}"
-            )
+        _check_arguments(
+            upper_fraction=upper_fraction,
+            hypergradient=hypergradient,
+            upper_every=upper_every,
+            upper_batch_size=upper_batch_size,
+            direction_regularization=direction_regularization,
+            neumann_terms=neumann_terms,
+            method=method,
+        )
         if not adapted_layers(model):
             from keras_bidora.injection import inject
 
@@ -235,9 +195,10 @@ class BiDoRAModel(keras.Model):
         self.direction_regularization = direction_regularization
         self.neumann_terms = neumann_terms
         self.method = method
-        self.seed = 0 if seed is None else int(seed)
+        self.seed = config.SEED if seed is None else int(seed)
         self.upper_loss_tracker = keras.metrics.Mean(name="upper_loss")
         self._phase = "bilevel" if method == "bidora" else "joint"
+        self._partition = None
         self.built = True
 
     # Forward pass and layers -------------------------------------------
@@ -258,18 +219,6 @@ class BiDoRAModel(keras.Model):
             for layer in self.adapted_layers
             if layer.magnitude is not None
         ]
-
-    def _level_indices(self):
-        upper_ids = {id(v) for v in self.magnitudes}
-        lower, upper = [], []
-        for i, variable in enumerate(self.trainable_variables):
-            (upper if id(variable) in upper_ids else lower).append(i)
-        if not lower:
-            raise ValueError(
-                "The model has no trainable variable for the lower level "
-                "(the adapters' directions and the task head)."
-            )
-        return lower, upper
 
     # Compile -------------------------------------------------------------
 
@@ -318,6 +267,7 @@ class BiDoRAModel(keras.Model):
                 keras.optimizers.OptimizerMap(lower, upper_map),
                 name="bidora_optimizer",
             )
+        self._partition = None
         super().compile(optimizer=multi, **kwargs)
 
     def compile_from_config(self, config):
@@ -332,7 +282,7 @@ class BiDoRAModel(keras.Model):
     @property
     def lower_optimizer(self):
         """The lower level's optimizer (direction and head)."""
-        return self.optimizer._optimizer_map.default_optimizer
+        return _keras_compat.default_optimizer(self.optimizer)
 
     @property
     def upper_optimizer(self):
@@ -402,18 +352,7 @@ class BiDoRAModel(keras.Model):
                 steps_per_epoch=steps_per_epoch,
                 **kwargs,
             )
-        if class_weight is not None:
-            raise ValueError(
-                "class_weight is not supported by the bi-level phase; pass "
-                "sample_weight instead. Received: class_weight="
-                f"{class_weight}"
-            )
-        if steps_per_epoch is not None:
-            raise ValueError(
-                "The bi-level phase runs one pass over the lower split per "
-                "epoch; steps_per_epoch is not supported. Received: "
-                f"steps_per_epoch={steps_per_epoch}"
-            )
+        _check_bilevel_fit(class_weight, steps_per_epoch)
         if validation_split:
             if validation_data is not None or upper_data is not None:
                 raise ValueError(
@@ -423,14 +362,13 @@ class BiDoRAModel(keras.Model):
             (x, y, sample_weight), validation_data = _split_tail(
                 (x, y, sample_weight), validation_split
             )
-        batch_size = batch_size or 32
         lower, upper = split_sources(
             x,
             y,
             sample_weight,
             upper_data,
             self.upper_fraction,
-            batch_size,
+            batch_size or config.BATCH_SIZE,
             upper_batch_size or self.upper_batch_size,
             shuffle,
             self.seed,
@@ -486,8 +424,9 @@ class BiDoRAModel(keras.Model):
             lower = self.lower_optimizer
             if lower.built:
                 keep = {id(lower.iterations)}
-                if isinstance(lower._learning_rate, keras.Variable):
-                    keep.add(id(lower._learning_rate))
+                rate = _keras_compat.learning_rate_variable(lower)
+                if rate is not None:
+                    keep.add(id(rate))
                 for variable in lower.variables:
                     if id(variable) not in keep:
                         variable.assign(
@@ -508,14 +447,14 @@ class BiDoRAModel(keras.Model):
     def _build_for_training(self, lower_batch):
         # Keras builds metrics, loss and optimizer from the first batch of
         # fit's data, which here is a (lower, upper, due) triple; build them
-        # from a lower batch instead. `_symbolic_build` is private Keras API.
+        # from a lower batch instead.
         if keras.config.backend() == "tensorflow":
             # Under a tf.distribute strategy, variables (optimizer states
             # included) must be created in its scope.
             with self.distribute_strategy.scope():
-                self._symbolic_build(data_batch=lower_batch)
+                _keras_compat.symbolic_build(self, lower_batch)
         else:
-            self._symbolic_build(data_batch=lower_batch)
+            _keras_compat.symbolic_build(self, lower_batch)
 
     def _build_optimizer(self):
         # Keras's TensorFlow trainer (without a strategy) leaves building
@@ -540,10 +479,28 @@ class BiDoRAModel(keras.Model):
 
     # Train step ----------------------------------------------------------
 
+    @property
+    def partition(self):
+        """The two levels' variables and optimizer slots (`Partition`)."""
+        if self._partition is None:
+            self._build_optimizer()
+            self._partition = Partition(
+                self.trainable_variables,
+                self.magnitudes,
+                self.optimizer.variables,
+                self.lower_optimizer,
+                self.upper_optimizer,
+                self.optimizer.iterations,
+            )
+        return self._partition
+
     def train_step(self, *args):
+        step = STEPS[self._phase]
         if keras.config.backend() == "jax":
             state, data = args
-            return self._stateless_train_step(state, data)
+            return step(self, state, data)
+        # TensorFlow and torch: run the stateless step on the variables'
+        # values, then write back what the optimizers did not update.
         (data,) = args
         state = (
             [ops.convert_to_tensor(v.value) for v in self.trainable_variables],
@@ -551,228 +508,18 @@ class BiDoRAModel(keras.Model):
             [ops.convert_to_tensor(v.value) for v in self.optimizer.variables],
             [ops.convert_to_tensor(v.value) for v in self.metrics_variables],
         )
-        logs, (_, non_trainable, optimizer_values, metrics) = (
-            self._stateless_train_step(state, data)
+        logs, (_, non_trainable, optimizer_values, metrics) = step(
+            self, state, data
         )
         # Each level's optimizer updated itself; the MultiOptimizer's own
         # step counter lives only in the returned values.
-        (index,) = self._optimizer_slices()["own_iterations"]
+        index = self.partition.iterations_slot
         self.optimizer.iterations.assign(optimizer_values[index])
         for variable, value in non_trainable:
             variable.assign(value)
         for variable, value in zip(self.metrics_variables, metrics):
             variable.assign(value)
         return logs
-
-    def _stateless_loss(self, trainable, non_trainable, batch, regularize):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
-        mapping = list(zip(self.trainable_variables, trainable))
-        if non_trainable is not None:
-            mapping += list(zip(self.non_trainable_variables, non_trainable))
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            y_pred = self(x, training=True)
-            loss = self.compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight
-            )
-            if regularize and self.direction_regularization:
-                # As Keras's regularization losses: under a tf.distribute
-                # strategy, divided by the number of replicas like the loss.
-                loss = loss + self._aggregate_additional_loss(
-                    self.direction_regularization
-                    * direction_regularization(self.adapted_layers)
-                )
-        updates = []
-        for variable in self.non_trainable_variables:
-            value = scope.get_current_value(variable)
-            if value is not None:
-                updates.append((variable, value))
-        return loss, (y_pred, updates)
-
-    def _stateless_train_step(self, state, data):
-        trainable, non_trainable, optimizer_values, metrics_values = state
-        backend = backend_lib.get()
-        lower_idx, upper_idx = self._level_indices()
-        bilevel = self._phase == "bilevel"
-        if bilevel:
-            lower_batch, upper_batch, due = data
-            due = due[0]
-        else:
-            lower_batch, upper_batch, due = data, None, False
-        joint = self._phase == "joint"
-
-        def assemble(w, m):
-            values = list(trainable)
-            for i, value in zip(lower_idx, w):
-                values[i] = value
-            for i, value in zip(upper_idx, m):
-                values[i] = value
-            return values
-
-        def lower_loss(w, m, batch, regularize=False):
-            loss, aux = self._stateless_loss(
-                assemble(w, m), non_trainable, batch, regularize
-            )
-            return loss, aux
-
-        def upper_loss(w, m, batch):
-            return self._stateless_loss(
-                assemble(w, m), non_trainable, batch, False
-            )
-
-        w = [trainable[i] for i in lower_idx]
-        m = [trainable[i] for i in upper_idx]
-        lower_opt, upper_opt = self.lower_optimizer, self.upper_optimizer
-        slices = self._optimizer_slices()
-        opt_mapping = list(zip(self.optimizer.variables, optimizer_values))
-        with keras.StatelessScope(state_mapping=opt_mapping):
-            learning_rate = ops.cast(
-                ops.convert_to_tensor(lower_opt.learning_rate), w[0].dtype
-            )
-
-        if joint:
-
-            def joint_loss(params):
-                return lower_loss(
-                    params[: len(w)], params[len(w) :], lower_batch, True
-                )
-
-            (loss, (y_pred, nt_updates)), grads = backend.value_and_grad(
-                joint_loss
-            )(w + m)
-            lower_grads, upper_grads = grads[: len(w)], grads[len(w) :]
-            upper_value = ops.zeros((), dtype=loss.dtype)
-            due = True
-        else:
-            # For some estimators the same backward pass also takes
-            # grad_m L_low(w, m), which they reuse. Only `lower_grads` (in
-            # `w`) ever reaches the lower optimizer.
-            in_m = (
-                bilevel
-                and self.hypergradient
-                in hypergradients.NEEDS_LOWER_MAGNITUDE_GRADS
-            )
-            n_w = len(w)
-            (loss, (y_pred, nt_updates)), grads = backend.value_and_grad(
-                lambda params: lower_loss(
-                    params[:n_w], params[n_w:] if in_m else m, lower_batch, True
-                )
-            )(w + m if in_m else w)
-            lower_grads = grads[:n_w]
-            lower_magnitude_grads = list(grads[n_w:]) if in_m else None
-            if bilevel:
-                estimator = hypergradients.get(self.hypergradient)
-                problem = _Problem(
-                    lambda w, m, batch: lower_loss(w, m, batch, True),
-                    upper_loss,
-                )
-
-                def upper_step():
-                    value, hypergradient = estimator(
-                        backend,
-                        problem,
-                        w,
-                        m,
-                        lower_grads,
-                        lower_batch,
-                        upper_batch,
-                        learning_rate,
-                        terms=self.neumann_terms,
-                        lower_magnitude_grads=lower_magnitude_grads,
-                    )
-                    return ops.cast(value, loss.dtype), list(hypergradient)
-
-                def no_upper_step():
-                    return ops.zeros((), dtype=loss.dtype), [
-                        ops.zeros_like(value) for value in m
-                    ]
-
-                upper_value, upper_grads = backend.cond(
-                    due, upper_step, no_upper_step
-                )
-            else:
-                upper_value = ops.zeros((), dtype=loss.dtype)
-                upper_grads = None
-        finite = ops.logical_and(
-            ops.isfinite(loss),
-            ops.logical_or(ops.logical_not(due), ops.isfinite(upper_value)),
-        )
-
-        trainable_variables = self.trainable_variables
-        new_optimizer_values = list(optimizer_values)
-        new_w, new_lower_opt = backend.apply_gradients(
-            finite,
-            lower_opt,
-            list(lower_grads),
-            [trainable_variables[i] for i in lower_idx],
-            w,
-            [optimizer_values[i] for i in slices["lower"]],
-        )
-        for i, value in zip(slices["lower"], new_lower_opt):
-            new_optimizer_values[i] = value
-        new_m = m
-        if upper_grads is not None:
-            new_m, new_upper_opt = backend.apply_gradients(
-                ops.logical_and(finite, due),
-                upper_opt,
-                list(upper_grads),
-                [trainable_variables[i] for i in upper_idx],
-                m,
-                [optimizer_values[i] for i in slices["upper"]],
-            )
-            for i, value in zip(slices["upper"], new_upper_opt):
-                new_optimizer_values[i] = value
-        new_trainable = assemble(new_w, new_m)
-
-        # Keep the shared step counter of the MultiOptimizer in step.
-        (iterations_index,) = slices["own_iterations"]
-        new_optimizer_values[iterations_index] = optimizer_values[
-            iterations_index
-        ] + ops.cast(finite, optimizer_values[iterations_index].dtype)
-
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(lower_batch)
-        metrics_mapping = list(zip(self.metrics_variables, metrics_values))
-        with keras.StatelessScope(state_mapping=metrics_mapping) as scope:
-            batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
-            self._loss_tracker.update_state(loss, sample_weight=batch_size)
-            if bilevel:
-                self.upper_loss_tracker.update_state(
-                    upper_value, sample_weight=ops.cast(due, "float32")
-                )
-            logs = self.compute_metrics(x, y, y_pred, sample_weight)
-        new_metrics_values = []
-        for variable, value in zip(self.metrics_variables, metrics_values):
-            current = scope.get_current_value(variable)
-            new_metrics_values.append(value if current is None else current)
-
-        if non_trainable is None:
-            new_non_trainable = nt_updates
-        else:
-            updated = {id(v): value for v, value in nt_updates}
-            new_non_trainable = [
-                ops.where(finite, updated[id(v)], value)
-                if id(v) in updated
-                else value
-                for v, value in zip(self.non_trainable_variables, non_trainable)
-            ]
-        state = (
-            new_trainable,
-            new_non_trainable,
-            new_optimizer_values,
-            new_metrics_values,
-        )
-        return logs, state
-
-    def _optimizer_slices(self):
-        positions = {id(v): i for i, v in enumerate(self.optimizer.variables)}
-        return {
-            "lower": [positions[id(v)] for v in self.lower_optimizer.variables],
-            "upper": (
-                [positions[id(v)] for v in self.upper_optimizer.variables]
-                if self.upper_optimizer is not None
-                else []
-            ),
-            "own_iterations": [positions[id(self.optimizer.iterations)]],
-        }
 
     def test_step(self, *args):
         # The upper loss is a training quantity: keep `val_upper_loss` out.
@@ -818,11 +565,30 @@ class BiDoRAModel(keras.Model):
 
         config = dict(config)
         injection = dict(config.pop("model"))
+        if injection.get("alpha", 0) is None:
+            # Files saved before `alpha` was resolved at injection stored
+            # None, which then meant `alpha = rank`.
+            injection["alpha"] = injection["rank"]
         model = keras.saving.deserialize_keras_object(
             injection.pop("model"), custom_objects=custom_objects
         )
         inject(model, **injection)
         return cls(model, **injection, **config)
+
+
+def _check_bilevel_fit(class_weight, steps_per_epoch):
+    if class_weight is not None:
+        raise ValueError(
+            "class_weight is not supported by the bi-level phase; pass "
+            "sample_weight instead. Received: class_weight="
+            f"{class_weight}"
+        )
+    if steps_per_epoch is not None:
+        raise ValueError(
+            "The bi-level phase runs one pass over the lower split per "
+            "epoch; steps_per_epoch is not supported. Received: "
+            f"steps_per_epoch={steps_per_epoch}"
+        )
 
 
 def _split_tail(arrays, fraction):
@@ -837,3 +603,57 @@ def _split_tail(arrays, fraction):
         lambda a: None if a is None else np.asarray(a)[cut:], arrays
     )
     return head, tuple(a for a in tail if a is not None)
+
+
+def _check_arguments(
+    upper_fraction,
+    hypergradient,
+    upper_every,
+    upper_batch_size,
+    direction_regularization,
+    neumann_terms,
+    method,
+):
+    """Raises a `ValueError` quoting the first invalid bi-level setting."""
+    if not (
+        isinstance(upper_fraction, (int, float)) and 0 < upper_fraction < 1
+    ):
+        raise ValueError(
+            "upper_fraction must be a number in (0, 1). Received: "
+            f"upper_fraction={upper_fraction}"
+        )
+    hypergradients.get(hypergradient)
+    if (
+        isinstance(upper_every, bool)
+        or not isinstance(upper_every, int)
+        or upper_every < 1
+    ):
+        raise ValueError(
+            "upper_every must be a positive integer. Received: "
+            f"upper_every={upper_every}"
+        )
+    if upper_batch_size is not None and (
+        not isinstance(upper_batch_size, int) or upper_batch_size < 1
+    ):
+        raise ValueError(
+            "upper_batch_size must be a positive integer or None. "
+            f"Received: upper_batch_size={upper_batch_size}"
+        )
+    if not (
+        isinstance(direction_regularization, (int, float))
+        and direction_regularization >= 0
+    ):
+        raise ValueError(
+            "direction_regularization must be a number >= 0. Received: "
+            f"direction_regularization={direction_regularization}"
+        )
+    if not isinstance(neumann_terms, int) or neumann_terms < 0:
+        raise ValueError(
+            "neumann_terms must be an integer >= 0. Received: "
+            f"neumann_terms={neumann_terms}"
+        )
+    if method not in config.MODEL_METHODS:
+        raise ValueError(
+            f"method must be one of {config.MODEL_METHODS}. Received: "
+            f"method={method!r}"
+        )

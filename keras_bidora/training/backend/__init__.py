@@ -15,7 +15,7 @@ Each backend module provides the same three functions:
   `tf.cond` branch may not sum across replicas).
 
 Everything else of the bi-level step is written once, on top of these, in
-`keras_bidora.training.hypergradients` and `keras_bidora.training.model`.
+`keras_bidora.training.hypergradients` and `keras_bidora.training.step`.
 """
 
 import importlib
