@@ -31,6 +31,7 @@ Otherwise that side of the adapter is replicated.
 
 import keras
 
+from keras_bidora import _keras_compat
 from keras_bidora.layers.bidora_dense import adapted_layers
 
 
@@ -97,7 +98,7 @@ def distribute_adapters(model_or_layers, distribution=None):
     distribution = distribution or keras.distribution.distribution()
     if distribution is None or keras.config.backend() != "jax":
         return
-    layout_map = getattr(distribution, "_layout_map", None)
+    layout_map = _keras_compat.layout_map(distribution)
     for layer in adapted_layers(model_or_layers):
         kernel_layout = distribution.get_variable_layout(layer.layer.kernel)
         for name, axes in adapter_axes(layer, kernel_layout.axes).items():
@@ -107,12 +108,6 @@ def distribute_adapters(model_or_layers, distribution=None):
             layout = keras.distribution.TensorLayout(
                 axes, distribution.device_mesh
             )
-            _set_layout(variable, layout)
-
-
-def _set_layout(variable, layout):
-    # Keras has no public way to change a created variable's layout; the
-    # JAX variable re-distributes its value on assignment, and Keras's
-    # optimizers read `_layout` when they create the slot variables.
-    variable._layout = layout
-    variable.assign(variable.value)
+            _keras_compat.set_variable_layout(variable, layout)
+            # The JAX variable re-distributes its value on assignment.
+            variable.assign(variable.value)

@@ -7,6 +7,7 @@ import re
 
 import keras
 
+from keras_bidora import _keras_compat
 from keras_bidora import config
 from keras_bidora.layers.bidora_dense import BiDoRADense
 from keras_bidora.layers.bidora_dense import adapted_layers
@@ -405,7 +406,7 @@ def _walk(model):
     parents = {}
 
     def visit(layer):
-        for child in layer._layers:
+        for child in _keras_compat.direct_sublayers(layer):
             holders = parents.setdefault(id(child), [])
             if layer not in holders:
                 holders.append(layer)
@@ -449,54 +450,26 @@ def _refuse_serialization(model):
     object.__setattr__(model, "to_json", refuse)
 
 
-# Private Keras API. Keras has no public way to replace a sublayer of a
-# built model, so the helpers below reach into its bookkeeping:
-# - `layer._parent_path` sets the name scope `build` opens, so that the
-#   adapter variables get paths under the wrapped layer's parent;
-# - `layer._tracker` (`unlock`, `replace_tracked_value`, `lock`) keeps the
-#   parent's `_layers` list in order with the wrapper in the old layer's
-#   place, as `Dense.enable_lora` unlocks the tracker to add state;
-# - `Node.operation`, `_inbound_nodes` and `KerasTensor._keras_history`
-#   put the wrapper in a functional graph;
-# - `TorchLayer._track_variables` rebuilds each ancestor's `_torch_params`;
-# - `layer._layers` (what `_flatten_layers` walks, as KerasHub's
-#   `enable_lora` does) lists a layer's direct sublayers, see `_walk`.
-
-
 def _swap_layer(layer, wrapper, parents, path):
-    """Builds `wrapper` in `layer`'s scope and puts it in `layer`'s place."""
-    wrapper._parent_path = path.rpartition("/")[0]
+    """Builds `wrapper` in `layer`'s scope and puts it in `layer`'s place.
+
+    Keras has no public way to replace a sublayer of a built model; the
+    private bookkeeping this needs is in `_keras_compat`.
+    """
+    _keras_compat.set_parent_path(wrapper, path.rpartition("/")[0])
     build_config = layer.get_build_config() or {}
     wrapper.build(build_config.get("input_shape"))
     for parent in parents:
-        tracker = parent._tracker
-        locked = tracker.locked
-        tracker.unlock()
-        try:
-            if tracker.is_in_store("layers", layer):
-                tracker.replace_tracked_value("layers", layer, wrapper)
+        with _keras_compat.unlocked_tracker(parent):
+            _keras_compat.replace_tracked_layer(parent, layer, wrapper)
             for name, value in list(vars(parent).items()):
-                if name == "_tracker":
-                    continue
                 if value is layer:
                     setattr(parent, name, wrapper)
                 else:
                     replaced = _replace_in(value, layer, wrapper)
                     if replaced is not value:
                         setattr(parent, name, replaced)
-        finally:
-            if locked:
-                tracker.lock()
-    # A layer that is a node of a functional graph.
-    for node in layer._inbound_nodes:
-        node.operation = wrapper
-        for tensor in node.outputs:
-            history = getattr(tensor, "_keras_history", None)
-            if history is not None and history.operation is layer:
-                tensor._keras_history = history._replace(operation=wrapper)
-    if layer._inbound_nodes:
-        wrapper._inbound_nodes = list(layer._inbound_nodes)
-        wrapper._outbound_nodes = list(layer._outbound_nodes)
+    _keras_compat.replace_in_graph(layer, wrapper)
 
 
 def _replace_in(value, old, new, depth=0):
@@ -538,18 +511,7 @@ def _replace_in(value, old, new, depth=0):
 
 
 def _retrack_torch_parameters(model):
-    import torch
-
-    # Every torch ancestor caches a ParameterDict of all the variables of
-    # its subtree, keyed by path, taken when it was built. KerasHub models
-    # keep theirs as a plain attribute (their `__setattr__` bypasses torch's
-    # module registry), Keras layers as a registered submodule: keep each
-    # where it was.
+    # Every torch ancestor caches the variables of its subtree, taken when
+    # it was built.
     for layer in [model] + _walk(model)[0]:
-        if "_torch_params" in vars(layer):
-            params = torch.nn.ParameterDict(
-                {v.path: v.value for v in layer.variables}
-            )
-            object.__setattr__(layer, "_torch_params", params)
-        elif "_torch_params" in vars(layer).get("_modules", {}):
-            layer._track_variables()
+        _keras_compat.retrack_torch_variables(layer)

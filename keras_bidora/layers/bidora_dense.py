@@ -6,6 +6,7 @@ import string
 import keras
 from keras import ops
 
+from keras_bidora import _keras_compat
 from keras_bidora import config
 
 _MIXED_VARIABLE_DTYPES = ("float16", "bfloat16")
@@ -430,7 +431,9 @@ def adapted_layers(model_or_layers):
         return [model_or_layers]
     if isinstance(model_or_layers, keras.layers.Layer):
         found = []
-        for layer in model_or_layers._flatten_layers(include_self=True):
+        for layer in _keras_compat.flatten_layers(
+            model_or_layers, include_self=True
+        ):
             if isinstance(layer, BiDoRADense) and layer not in found:
                 found.append(layer)
         return found
