@@ -240,6 +240,12 @@ def check():
     outputs = dense(inputs)
     model = keras.Model(inputs, outputs, name="bidora_check_model")
 
+    _check_layers(model, dense, outputs, backend)
+    _check_trainer(model, backend)
+    _check_optimizers()
+
+
+def _check_layers(model, dense, outputs, backend):
     _require(
         keras.layers.Layer,
         "Layer._flatten_layers",
@@ -282,6 +288,8 @@ def check():
     if backend == "jax":
         _check_layout()
 
+
+def _check_trainer(model, backend):
     _require(
         keras.Model,
         "Model._symbolic_build",
@@ -312,6 +320,8 @@ def check():
                 keywords=keywords,
             )
 
+
+def _check_optimizers():
     variable = keras.Variable(
         [1.0, 2.0], name="bidora_check_variable", dtype="float32"
     )

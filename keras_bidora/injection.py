@@ -108,32 +108,8 @@ def inject(
     ['transformer_layer_0/self_attention_layer/query', \
 'transformer_layer_0/self_attention_layer/value']
     """
-    if not isinstance(model, keras.layers.Layer):
-        raise ValueError(
-            "inject needs a Keras model. Received: "
-            f"model={model!r} of type {type(model).__name__}"
-        )
-    if not model.built:
-        raise ValueError(
-            "The model must be built before injecting adapters (call it "
-            f"once or call `build`). Received: model={model.name!r}, which "
-            "is not built"
-        )
-    if getattr(model, _STATE_ATTRIBUTE, None) is not None or adapted_layers(
-        model
-    ):
-        raise ValueError(
-            "The model already has BiDoRA adapters: inject only once. "
-            f"Received: model={model.name!r}"
-        )
-    for key in _RESERVED_LAYER_KWARGS:
-        if key in kwargs:
-            raise ValueError(
-                f"inject sets each adapter's `{key}` itself. Received: "
-                f"{key}={kwargs[key]!r}"
-            )
+    _check_injectable(model, kwargs)
     layer_kwargs = {key: _serializable(value) for key, value in kwargs.items()}
-
     layers, parents = _walk(model)
     candidates = [
         (_layer_path(layer), layer)
@@ -146,37 +122,13 @@ def inject(
         if not isinstance(layer, _ADAPTED_TYPES) and layer.path is not None
     ]
     selected = _select(model, targets, candidates, others)
-
     # Build every adapter before touching the model, so that an invalid
     # argument or an unsupported layer leaves it unchanged.
-    wrappers = []
-    for path, layer in selected:
-        try:
-            wrapper = BiDoRADense(
-                layer, rank=rank, alpha=alpha, dropout=dropout, **layer_kwargs
-            )
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"Cannot adapt layer '{path}': {error}") from None
-        wrappers.append(wrapper)
+    wrappers = _wrappers(selected, rank, alpha, dropout, layer_kwargs)
     _check_unique_paths(model, selected, wrappers)
-    try:
-        model_config = keras.saving.serialize_keras_object(model)
-        # The structure, not the training setup: the copy is compiled by
-        # whoever rebuilds it.
-        model_config.pop("compile_config", None)
-        json.dumps(model_config)
-        config_error = None
-    except (NotImplementedError, TypeError, ValueError) as error:
-        # The model still trains; only BiDoRAModel's saving needs it.
-        model_config = None
-        config_error = error
+    model_config, config_error = _model_config(model)
 
-    model.trainable = True
-    frozen = getattr(model, "backbone", None)
-    if not isinstance(frozen, keras.layers.Layer):
-        frozen = model
-    for layer in _walk(frozen)[0]:
-        layer.trainable = False
+    _freeze(model)
     for (path, layer), wrapper in zip(selected, wrappers):
         _swap_layer(layer, wrapper, parents[id(layer)], path)
     if keras.config.backend() == "torch":
@@ -201,6 +153,71 @@ def inject(
         if isinstance(layer, keras.Model):
             _refuse_serialization(layer)
     return list(paths)
+
+
+def _check_injectable(model, kwargs):
+    if not isinstance(model, keras.layers.Layer):
+        raise ValueError(
+            "inject needs a Keras model. Received: "
+            f"model={model!r} of type {type(model).__name__}"
+        )
+    if not model.built:
+        raise ValueError(
+            "The model must be built before injecting adapters (call it "
+            f"once or call `build`). Received: model={model.name!r}, which "
+            "is not built"
+        )
+    if getattr(model, _STATE_ATTRIBUTE, None) is not None or adapted_layers(
+        model
+    ):
+        raise ValueError(
+            "The model already has BiDoRA adapters: inject only once. "
+            f"Received: model={model.name!r}"
+        )
+    for key in _RESERVED_LAYER_KWARGS:
+        if key in kwargs:
+            raise ValueError(
+                f"inject sets each adapter's `{key}` itself. Received: "
+                f"{key}={kwargs[key]!r}"
+            )
+
+
+def _wrappers(selected, rank, alpha, dropout, layer_kwargs):
+    """One `BiDoRADense` per selected `(path, layer)`, not yet swapped in."""
+    wrappers = []
+    for path, layer in selected:
+        try:
+            wrapper = BiDoRADense(
+                layer, rank=rank, alpha=alpha, dropout=dropout, **layer_kwargs
+            )
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"Cannot adapt layer '{path}': {error}") from None
+        wrappers.append(wrapper)
+    return wrappers
+
+
+def _model_config(model):
+    """`(config, None)`, or `(None, error)` if the model does not serialize."""
+    try:
+        model_config = keras.saving.serialize_keras_object(model)
+        # The structure, not the training setup: the copy is compiled by
+        # whoever rebuilds it.
+        model_config.pop("compile_config", None)
+        json.dumps(model_config)
+        return model_config, None
+    except (NotImplementedError, TypeError, ValueError) as error:
+        # The model still trains; only BiDoRAModel's saving needs it.
+        return None, error
+
+
+def _freeze(model):
+    """Freezes the backbone (or the whole model), as `enable_lora` does."""
+    model.trainable = True
+    frozen = getattr(model, "backbone", None)
+    if not isinstance(frozen, keras.layers.Layer):
+        frozen = model
+    for layer in _walk(frozen)[0]:
+        layer.trainable = False
 
 
 def injection_config(model):

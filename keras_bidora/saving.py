@@ -105,8 +105,20 @@ def load_adapter_weights(model, path):
     layers = _adapted_layers(model)
     path = os.fspath(path)
     arrays, metadata = _read(path)
+    _check_format(path, metadata)
+    problems = _layer_problems(layers, metadata.get("layers", {}))
+    assignments, variable_problems = _assignments(layers, arrays)
+    problems += variable_problems
+    if problems:
+        raise ValueError(
+            f"The adapter file '{path}' does not match the model; nothing "
+            "was loaded:\n  " + "\n  ".join(dict.fromkeys(problems))
+        )
+    for variable, value in assignments:
+        variable.assign(keras.ops.cast(value, variable.dtype))
 
-    problems = []
+
+def _check_format(path, metadata):
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError(
             f"'{path}' is not a keras_bidora adapter file (no "
@@ -118,7 +130,11 @@ def load_adapter_weights(model, path):
             f"{metadata.get('format_version')!r}; this keras_bidora reads "
             f"version {FORMAT_VERSION}."
         )
-    saved_layers = metadata.get("layers", {})
+
+
+def _layer_problems(layers, saved_layers):
+    """How the file's adapted layers and settings differ from the model's."""
+    problems = []
     model_layers = {layer.path: layer for layer in layers}
     for layer_path in model_layers:
         if layer_path not in saved_layers:
@@ -132,15 +148,18 @@ def load_adapter_weights(model, path):
         saved = saved_layers.get(layer_path)
         if saved is None:
             continue
-        expected = _layer_metadata(layer)
-        for key, value in expected.items():
+        for key, value in _layer_metadata(layer).items():
             if saved.get(key) != value:
                 problems.append(
                     f"layer '{layer_path}' has {key}={value!r} in the model "
                     f"but {key}={saved.get(key)!r} in the file"
                 )
+    return problems
 
-    assignments = []
+
+def _assignments(layers, arrays):
+    """`([(variable, value)], problems)`: what to assign, checked first."""
+    assignments, problems = [], []
     expected_paths = set()
     for layer in layers:
         for variable in _adapter_variables(layer):
@@ -165,13 +184,7 @@ def load_adapter_weights(model, path):
                 assignments.append((variable, value))
     for key in sorted(set(arrays) - expected_paths):
         problems.append(f"the file's variable '{key}' is not in the model")
-    if problems:
-        raise ValueError(
-            f"The adapter file '{path}' does not match the model; nothing "
-            "was loaded:\n  " + "\n  ".join(dict.fromkeys(problems))
-        )
-    for variable, value in assignments:
-        variable.assign(keras.ops.cast(value, variable.dtype))
+    return assignments, problems
 
 
 def merge(model):

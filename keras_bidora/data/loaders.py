@@ -339,6 +339,56 @@ def _sort_labels(labels):
         return sorted(labels)
 
 
+def _read_columns(path, text_column, text_pair_column, label_column):
+    """`(path, texts, labels)` of one file: `texts` one list per column."""
+    rows, columns = read_table(path)
+    texts = [_column(rows, columns, text_column, path, "text")]
+    if text_pair_column:
+        texts.append(
+            _column(rows, columns, text_pair_column, path, "text pair")
+        )
+    texts = [[str(text) for text in column] for column in texts]
+    labels = _column(rows, columns, label_column, path, "label")
+    return path, texts, labels
+
+
+def _user_spec(kind, tables, label_column, text_pair_column, label_names):
+    """The `TaskSpec` of a user's files: regression, or the train classes."""
+    if kind == "regression":
+        spec = TaskSpec(
+            name="regression",
+            kind="regression",
+            metrics=("pearson", "spearmanr"),
+            pair=bool(text_pair_column),
+            description="user regression data (Pearson, Spearman)",
+        )
+    else:
+        if label_names is None:
+            if "train" not in tables:
+                raise ValueError(
+                    "label_names are needed to load dev data without train "
+                    "data."
+                )
+            label_names = _sort_labels({str(v) for v in tables["train"][2]})
+        label_names = tuple(str(name) for name in label_names)
+        if len(label_names) < 2:
+            raise ValueError(
+                f"{tables['train'][0]}: column {label_column!r} holds one "
+                f"class only ({label_names[0]!r}); classification needs two "
+                "or more"
+            )
+        spec = TaskSpec(
+            name="classification",
+            kind="classification",
+            label_names=label_names,
+            metrics=("accuracy", "f1"),
+            pair=bool(text_pair_column),
+            f1_average="macro",
+            description="user classification data (accuracy, macro F1)",
+        )
+    return spec
+
+
 def load_files(
     train,
     dev,
@@ -375,53 +425,13 @@ def load_files(
             "kind must be 'classification' or 'regression'. Received: "
             f"kind={kind!r}"
         )
-    tables = {}
-    for split, path in (("train", train), ("dev", dev)):
-        if path is None:
-            continue
-        rows, columns = read_table(path)
-        texts = [_column(rows, columns, text_column, path, "text")]
-        if text_pair_column:
-            texts.append(
-                _column(rows, columns, text_pair_column, path, "text pair")
-            )
-        texts = [[str(text) for text in column] for column in texts]
-        labels = _column(rows, columns, label_column, path, "label")
-        tables[split] = (path, texts, labels)
+    tables = {
+        split: _read_columns(path, text_column, text_pair_column, label_column)
+        for split, path in (("train", train), ("dev", dev))
+        if path is not None
+    }
 
-    if kind == "regression":
-        spec = TaskSpec(
-            name="regression",
-            kind="regression",
-            metrics=("pearson", "spearmanr"),
-            pair=bool(text_pair_column),
-            description="user regression data (Pearson, Spearman)",
-        )
-    else:
-        if label_names is None:
-            if "train" not in tables:
-                raise ValueError(
-                    "label_names are needed to load dev data without train "
-                    "data."
-                )
-            label_names = _sort_labels({str(v) for v in tables["train"][2]})
-        label_names = tuple(str(name) for name in label_names)
-        if len(label_names) < 2:
-            raise ValueError(
-                f"{tables['train'][0]}: column {label_column!r} holds one "
-                f"class only ({label_names[0]!r}); classification needs two "
-                "or more"
-            )
-        spec = TaskSpec(
-            name="classification",
-            kind="classification",
-            label_names=label_names,
-            metrics=("accuracy", "f1"),
-            pair=bool(text_pair_column),
-            f1_average="macro",
-            description="user classification data (accuracy, macro F1)",
-        )
-
+    spec = _user_spec(kind, tables, label_column, text_pair_column, label_names)
     loaded = {}
     for split, (path, texts, raw) in tables.items():
         if kind == "regression":

@@ -143,55 +143,10 @@ class BiDoRADense(keras.layers.Layer):
         lora_a_initializer=config.LORA_A_INITIALIZER,
         **kwargs,
     ):
-        if not isinstance(
-            layer, (keras.layers.Dense, keras.layers.EinsumDense)
-        ):
-            raise ValueError(
-                "BiDoRADense wraps a keras.layers.Dense or "
-                "keras.layers.EinsumDense. Received: "
-                f"layer={layer!r} of type {type(layer).__name__}"
-            )
-        if not layer.built:
-            raise ValueError(
-                "The wrapped layer must be built (call it once or call "
-                f"`build(input_shape)`). Received: layer={layer.name!r}, "
-                "which is not built"
-            )
-        if getattr(layer, "lora_enabled", False):
-            raise ValueError(
-                "The wrapped layer already has Keras's own LoRA enabled. "
-                f"Received: layer={layer.name!r}"
-            )
-        if getattr(layer, "quantization_mode", None):
-            raise ValueError(
-                "BiDoRADense does not wrap quantized layers. Received: "
-                f"layer={layer.name!r} with "
-                f"quantization_mode={layer.quantization_mode!r}"
-            )
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(
-                f"rank must be a positive integer. Received: rank={rank}"
-            )
+        _check_layer(layer)
+        _check_settings(rank, alpha, dropout)
         if alpha is None:
             alpha = config.default_alpha(rank)
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, (int, float))
-            or not math.isfinite(alpha)
-            or alpha <= 0
-        ):
-            raise ValueError(
-                f"alpha must be a positive number. Received: alpha={alpha}"
-            )
-        if (
-            isinstance(dropout, bool)
-            or not isinstance(dropout, (int, float))
-            or not 0 <= dropout < 1
-        ):
-            raise ValueError(
-                f"dropout must be a number in [0, 1). Received: "
-                f"dropout={dropout}"
-            )
         kwargs.setdefault("name", layer.name)
         kwargs.setdefault("dtype", layer.dtype_policy)
         # Variables are read in their own dtype and cast explicitly in
@@ -423,6 +378,58 @@ class BiDoRADense(keras.layers.Layer):
         config = dict(config)
         config["layer"] = keras.saving.deserialize_keras_object(config["layer"])
         return cls(**config)
+
+
+def _check_layer(layer):
+    """Raises a `ValueError` naming a layer `BiDoRADense` cannot wrap."""
+    if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        raise ValueError(
+            "BiDoRADense wraps a keras.layers.Dense or "
+            "keras.layers.EinsumDense. Received: "
+            f"layer={layer!r} of type {type(layer).__name__}"
+        )
+    if not layer.built:
+        raise ValueError(
+            "The wrapped layer must be built (call it once or call "
+            f"`build(input_shape)`). Received: layer={layer.name!r}, "
+            "which is not built"
+        )
+    if getattr(layer, "lora_enabled", False):
+        raise ValueError(
+            "The wrapped layer already has Keras's own LoRA enabled. "
+            f"Received: layer={layer.name!r}"
+        )
+    if getattr(layer, "quantization_mode", None):
+        raise ValueError(
+            "BiDoRADense does not wrap quantized layers. Received: "
+            f"layer={layer.name!r} with "
+            f"quantization_mode={layer.quantization_mode!r}"
+        )
+
+
+def _check_settings(rank, alpha, dropout):
+    """Raises a `ValueError` quoting an invalid rank, alpha or dropout."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(
+            f"rank must be a positive integer. Received: rank={rank}"
+        )
+    if alpha is not None and (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
+        raise ValueError(
+            f"alpha must be a positive number. Received: alpha={alpha}"
+        )
+    if (
+        isinstance(dropout, bool)
+        or not isinstance(dropout, (int, float))
+        or not 0 <= dropout < 1
+    ):
+        raise ValueError(
+            f"dropout must be a number in [0, 1). Received: dropout={dropout}"
+        )
 
 
 def adapted_layers(model_or_layers):
