@@ -35,7 +35,9 @@ import subprocess
 import sys
 import time
 
-METHODS = ("lora", "first_order", "darts")
+# The rows: Keras's own LoRA, then BiDoRA with each of these hypergradients
+# (`keras_bidora.config.HYPERGRADIENTS`).
+ROWS = ("lora", "first_order", "darts")
 
 FULL = {
     "model": {
@@ -196,8 +198,8 @@ def main(argv=None):
     parser.add_argument("--backend", choices=("jax", "torch"), default="jax")
     parser.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated, from {METHODS}",
+        default=",".join(ROWS),
+        help=f"comma-separated, from {ROWS}",
     )
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16")
@@ -205,8 +207,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     for method in methods:
-        if method not in METHODS:
-            parser.error(f"unknown method {method!r}; choose from {METHODS}")
+        if method not in ROWS:
+            parser.error(f"unknown method {method!r}; choose from {ROWS}")
     settings = TINY if args.tiny else FULL
 
     if len(methods) > 1 or os.environ.get("KERAS_BACKEND") != args.backend:

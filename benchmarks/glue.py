@@ -2,8 +2,8 @@
 
 For each task (RTE, MRPC, CoLA, STS-B, and SST-2 at 1,000 training
 examples), method (LoRA on the matrix view, DoRA, BiDoRA) and seed, one
-run of `keras-bidora train`'s training code (`keras_bidora.cli.
-train_method`, its defaults unless set here) on the default model. Every
+run of the library's recipe (`keras_bidora.recipes.finetune`, its defaults
+unless set here) on the default model. Every
 method gets the same budget of epochs over the training data: LoRA and
 DoRA train `--epochs` epochs; BiDoRA trains `--epochs - 1` bi-level epochs
 (each on its 80% lower split, with upper steps on the other 20%) and one
@@ -72,14 +72,14 @@ if __name__ == "__main__":
     _early.add_argument("--backend", default="jax")
     os.environ["KERAS_BACKEND"] = _early.parse_known_args()[0].backend
 
-from keras_bidora import cli  # noqa: E402
+from keras_bidora import config  # noqa: E402
+from keras_bidora.config import COMPARED_METHODS  # noqa: E402
 from keras_bidora.data import loaders  # noqa: E402
 from keras_bidora.data import preprocessing  # noqa: E402
 from keras_bidora.data import task_spec as task_spec_lib  # noqa: E402
 
 TASKS = ("rte", "mrpc", "cola", "stsb", "sst2")
 SENSITIVITY_TASKS = ("rte", "mrpc")
-METHODS = ("lora", "dora", "bidora")
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "bidora": "BiDoRA"}
 # SST-2 is not small: the study takes its first 1,000 training examples.
 TRAIN_LIMITS = {"sst2": 1000}
@@ -92,7 +92,10 @@ VARIED = {
     "hypergradient": ("first_order",),
     "upper_every": (4,),
 }
-DEFAULTS = {
+# Pinned, not left to the library's defaults, so that runs made before and
+# after a change of default stay comparable (the study ran darts, the
+# paper's estimator; the library's default is now first_order).
+STUDY_SETTINGS = {
     "upper_fraction": 0.2,
     "direction_regularization": 1e-5,
     "hypergradient": "darts",
@@ -172,7 +175,10 @@ def parse_args(argv=None):
         "default (sst2, cola: 64; the others: 128), e.g. stsb=64",
     )
     parser.add_argument(
-        "--methods", nargs="+", choices=METHODS, default=METHODS
+        "--methods",
+        nargs="+",
+        choices=COMPARED_METHODS,
+        default=COMPARED_METHODS,
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=(0, 1, 2))
     parser.add_argument(
@@ -183,12 +189,13 @@ def parse_args(argv=None):
         "epochs and 1 retrain epoch (3)",
     )
     parser.add_argument(
-        "--train-option",
+        "--setting",
         action="append",
         default=[],
-        metavar="FLAG=VALUE",
-        help="a `keras-bidora train` option for every run, e.g. "
-        "--train-option=--hypergradient=first_order (repeatable)",
+        metavar="NAME=VALUE",
+        help="a `keras_bidora.recipes.finetune` argument for every run, "
+        "e.g. --setting learning_rate=2e-3 (repeatable; a number or a "
+        "string)",
     )
     parser.add_argument(
         "--data-dir",
@@ -202,7 +209,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--preset", help="model (default: offline MiniLM)")
     parser.add_argument(
-        "--backend", choices=cli.BACKENDS, default="jax", help="(jax)"
+        "--backend", choices=config.BACKENDS, default="jax", help="(jax)"
     )
     parser.add_argument(
         "--jax-compilation-cache",
@@ -252,7 +259,22 @@ def parse_args(argv=None):
         parser, "--sequence-length", args.sequence_length
     )
     args.tokens = args.tokens or os.path.join(args.out, "tokens")
+    args.setting = _settings(parser, args.setting)
     return args
+
+
+def _settings(parser, values):
+    """`{name: value}` from `--setting NAME=VALUE ...` (numbers parsed)."""
+    settings = {}
+    for value in values:
+        name, equals, text = value.partition("=")
+        if not equals or not name.isidentifier():
+            parser.error(f"--setting takes NAME=VALUE. Received: {value!r}")
+        try:
+            settings[name] = json.loads(text)
+        except json.JSONDecodeError:
+            settings[name] = text
+    return settings
 
 
 def _task_numbers(parser, flag, values):
@@ -275,7 +297,7 @@ def variant(args, task):
     if task in args.train_sample:
         changes["train_sample"] = args.train_sample[task]
     length = sequence_length(args, task)
-    if length != _sequence_length(task):
+    if length != config.sequence_length(task):
         changes["sequence_length"] = length
     return changes
 
@@ -373,7 +395,7 @@ def _sha256(path):
 
 
 class CachedEncoder:
-    """What `train_method` needs of an `Encoder`, without a tokenizer."""
+    """What the dev scoring needs of an `Encoder`, without a tokenizer."""
 
     decode = preprocessing.Encoder.decode
 
@@ -389,7 +411,7 @@ class CachedDev:
 
 
 class Prepared:
-    """A task's tokenized train and dev data (as `cli.Prepared`)."""
+    """A task's tokenized train and dev data (as `recipes.prepare`'s)."""
 
     def __init__(self, spec, arrays, meta, indices=None):
         x_train, y_train = _split(arrays, "train")
@@ -416,14 +438,9 @@ def _split(arrays, split):
     return x, arrays[f"{split}_labels"]
 
 
-def _sequence_length(task):
-    """`keras-bidora train`'s default sequence length for `task`."""
-    return cli.DEFAULT_SEQUENCE_LENGTHS.get(task, cli.DEFAULT_SEQUENCE_LENGTH)
-
-
 def sequence_length(args, task):
     """`task`'s sequence length in this study (`--sequence-length`)."""
-    return args.sequence_length.get(task, _sequence_length(task))
+    return args.sequence_length.get(task, config.sequence_length(task))
 
 
 def tokens(args, task, preset, log=print):
@@ -431,7 +448,9 @@ def tokens(args, task, preset, log=print):
     (`TASK.npz`, or `TASK-LENGTH.npz` at another sequence length than the
     default)."""
     length = sequence_length(args, task)
-    name = task if length == _sequence_length(task) else f"{task}-{length}"
+    name = (
+        task if length == config.sequence_length(task) else f"{task}-{length}"
+    )
     path = os.path.join(args.tokens, f"{name}.npz")
     meta_path = os.path.join(args.tokens, f"{name}.json")
     if os.path.exists(path) and os.path.exists(meta_path):
@@ -507,35 +526,24 @@ def _write_atomic(path, write, mode):
 # Training ---------------------------------------------------------------
 
 
-def _train_argv(args, run, epochs, retrain_epochs):
-    argv = [
-        "train",
-        "--task",
-        run["task"],
-        "--method",
-        run["method"],
-        "--out",
-        os.devnull,
-        "--seed",
-        str(run["seed"]),
-        "--epochs",
-        str(epochs),
-        "--retrain-epochs",
-        str(retrain_epochs),
-        "--no-validation",
-        "--verbose",
-        "0",
-    ]
-    # BiDoRA's settings are pinned, not left to the command's defaults, so
-    # that runs made before and after a change of default stay comparable.
-    for name, default in DEFAULTS.items():
-        value = run["changes"].get(name, default)
-        argv += [f"--{name.replace('_', '-')}", str(value)]
-    return argv + list(args.train_option)
+def run_settings(args, run, epochs, retrain_epochs):
+    """The `recipes.finetune` arguments of `run` (beyond data and method)."""
+    settings = {
+        "seed": run["seed"],
+        "epochs": epochs,
+        "retrain_epochs": retrain_epochs,
+        "validation": False,
+        "verbose": 0,
+    }
+    for name, default in STUDY_SETTINGS.items():
+        settings[name] = run["changes"].get(name, default)
+    settings.update(args.setting)
+    return settings
 
 
 def _dev_curve_callback(keras, prepared, spec, batch_size, points):
     """After each epoch: the dev metric and the training time so far."""
+    from keras_bidora import recipes
 
     class DevCurve(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -544,14 +552,16 @@ def _dev_curve_callback(keras, prepared, spec, batch_size, points):
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self.start
             previous = points[-1]["train_s"] if points else 0.0
-            outputs = cli._predict(
-                keras, self.model, prepared.x_dev, batch_size
-            )
-            predictions = prepared.encoder.decode(outputs, None)
-            scores = spec.score(prepared.dev.labels, predictions)
+            outputs = recipes.predict(self.model, prepared.x_dev, batch_size)
+            scores = _score(spec, prepared, outputs)
             points.append({"train_s": previous + seconds, "dev": scores})
 
     return DevCurve()
+
+
+def _score(spec, prepared, outputs):
+    predictions = prepared.encoder.decode(outputs, None)
+    return spec.score(prepared.dev.labels, predictions)
 
 
 def epoch_budget(args, run, train_examples, full_examples):
@@ -598,43 +608,44 @@ def train_indices(run, total):
 
 
 def train_one(keras, args, run, arrays, meta, preset):
+    from keras_bidora import recipes
+
     spec = task_spec_lib.get_task_spec(run["task"])
     indices, full = train_indices(run, len(arrays["train_labels"]))
     prepared = Prepared(spec, arrays, meta, indices)
     epochs, retrain_epochs = epoch_budget(args, run, len(prepared), full)
-    argv = _train_argv(args, run, epochs, retrain_epochs)
-    train_args = cli.build_parser().parse_args(argv)
+    settings = run_settings(args, run, epochs, retrain_epochs)
+    batch_size = settings.get("batch_size", config.BATCH_SIZE)
     points = []
-    callback = _dev_curve_callback(
-        keras, prepared, spec, train_args.batch_size, points
-    )
+    callback = _dev_curve_callback(keras, prepared, spec, batch_size, points)
     start = time.perf_counter()
-    result, _, _ = cli.train_method(
-        keras,
-        train_args,
+    result = recipes.finetune(
+        lambda: preprocessing.build_model(spec, preset),
+        (prepared.x_train, prepared.y_train),
+        (prepared.x_dev, prepared.y_dev),
         run["method"],
-        spec,
-        preset,
-        prepared,
         merge=False,
+        score=lambda outputs: _score(spec, prepared, outputs),
         log=lambda message: None,
         callbacks=[callback],
+        **recipes.compile_settings(spec),
+        **settings,
     )
     record = dict(run)
     record.update(
         {
-            "dev": result["dev"],
+            "dev": result.dev_metrics,
             "main_metric": spec.main_metric,
             "curve": points,
             "train_s": points[-1]["train_s"],
             "wall_s": time.perf_counter() - start,
-            "steps": result["steps"],
+            "steps": result.steps,
             "train_examples": len(prepared),
             "dev_examples": len(prepared.y_dev),
             "sequence_length": meta["sequence_length"],
             "data_files": meta["files"],
-            "parameters": result["parameters"],
-            "train_argv": argv,
+            "parameters": result.parameters,
+            "settings": settings,
             "backend": keras.config.backend(),
         }
     )
@@ -663,7 +674,7 @@ def _device(keras):
 
 def run_study(args):
     os.makedirs(args.out, exist_ok=True)
-    preset = cli.preprocessing.resolve_preset(args.preset)
+    preset = preprocessing.resolve_preset(args.preset)
     runs_path = os.path.join(args.out, "runs.jsonl")
     tasks = sorted(
         set(args.tasks if args.study != "sensitivity" else ())
@@ -685,7 +696,9 @@ def run_study(args):
         )
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    keras = cli._use_backend(args.backend)
+    import keras
+    import keras_hub  # noqa: F401  (registers the KerasHub models)
+
     device = _device(keras)
     done = read_runs(runs_path)
     todo = [
@@ -819,17 +832,17 @@ def main_table(records, tasks):
         "|---|---|---|---|---|---|---|---|",
     ]
     for task in tasks:
-        cells = {m: _select(records, task, m) for m in METHODS}
+        cells = {m: _select(records, task, m) for m in COMPARED_METHODS}
         runs = [r for c in cells.values() for r in c.values()]
         if not runs:
             continue
         values = {
             m: _mean_sd([_metric(r) for r in cells[m].values()])
-            for m in METHODS
+            for m in COMPARED_METHODS
         }
         difference, paired = _paired_difference(cells)
-        counts = " / ".join(str(len(cells[m])) for m in METHODS)
-        times = " / ".join(_fastest(cells[m]) for m in METHODS)
+        counts = " / ".join(str(len(cells[m])) for m in COMPARED_METHODS)
+        times = " / ".join(_fastest(cells[m]) for m in COMPARED_METHODS)
         lines.append(
             f"| {task} ({runs[0]['main_metric']}) | {_fmt(values['lora'])} "
             f"| {_fmt(values['dora'])} | {_fmt(values['bidora'])} | "
@@ -841,6 +854,11 @@ def main_table(records, tasks):
 
 def _epochs(record):
     """A run's epoch budget (BiDoRA: bi-level and retrain epochs)."""
+    if "settings" in record:
+        settings = record["settings"]
+        return settings["epochs"] + settings["retrain_epochs"]
+    # Runs made before the recipe moved into the library kept their
+    # `keras-bidora train` command line.
     argv = record["train_argv"]
     return int(argv[argv.index("--epochs") + 1]) + int(
         argv[argv.index("--retrain-epochs") + 1]
@@ -873,10 +891,10 @@ def sensitivity_table(records, tasks):
         (
             name,
             f"{name}={value}",
-            {} if value == DEFAULTS[name] else {name: value},
+            {} if value == STUDY_SETTINGS[name] else {name: value},
         )
         for name, values in VARIED.items()
-        for value in (DEFAULTS[name], *values)
+        for value in (STUDY_SETTINGS[name], *values)
     ]
     subsets = sorted(
         {
@@ -898,7 +916,10 @@ def sensitivity_table(records, tasks):
                 name in r["changes"] for r in records if r["task"] == task
             ):
                 continue  # this setting was not varied on this task
-            cells = {m: _select(records, task, m, **changes) for m in METHODS}
+            cells = {
+                m: _select(records, task, m, **changes)
+                for m in COMPARED_METHODS
+            }
             if not cells["bidora"]:
                 continue
             if name != "train_size":
@@ -907,7 +928,7 @@ def sensitivity_table(records, tasks):
                 cells["dora"] = _select(records, task, "dora")
             values = {
                 m: _mean_sd([_metric(r) for r in cells[m].values()])
-                for m in METHODS
+                for m in COMPARED_METHODS
             }
             difference, paired = _paired_difference(cells)
             metric = next(iter(cells["bidora"].values()))["main_metric"]
@@ -929,14 +950,18 @@ def plot(records, tasks, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in tasks if any(_select(records, t, m) for m in METHODS)]
+    tasks = [
+        t
+        for t in tasks
+        if any(_select(records, t, m) for m in COMPARED_METHODS)
+    ]
     if not tasks:
         return False
     figure, axes = plt.subplots(
         1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False
     )
     for axis, task in zip(axes[0], tasks):
-        for method in METHODS:
+        for method in COMPARED_METHODS:
             runs = list(_select(records, task, method).values())
             if not runs:
                 continue

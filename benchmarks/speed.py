@@ -37,6 +37,8 @@ import subprocess
 import sys
 import time
 
+from keras_bidora.config import BACKENDS
+
 ROWS = (
     "keras_lora",
     "lora",
@@ -51,7 +53,6 @@ ROWS = (
     "base_inference",
     "merged_inference",
 )
-BACKENDS = ("jax", "tensorflow", "torch")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

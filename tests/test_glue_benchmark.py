@@ -104,14 +104,14 @@ class GlueBenchmarkTest(TestCase):
         runs = glue.planned_runs(args)
         self.assertEqual(
             [(r["method"], r["changes"]) for r in runs],
-            [(m, {"train_size": 300}) for m in glue.METHODS],
+            [(m, {"train_size": 300}) for m in glue.COMPARED_METHODS],
         )
         records = [
             _record("rte", m, 0, 0.5 + 0.1 * i, {"train_size": 300})
-            for i, m in enumerate(glue.METHODS)
+            for i, m in enumerate(glue.COMPARED_METHODS)
         ] + [
             dict(_record("rte", m, 0, 0.6), train_examples=2490)
-            for m in glue.METHODS
+            for m in glue.COMPARED_METHODS
         ]
         rows = glue.sensitivity_table(records, ["rte"]).splitlines()[2:]
         self.assertEqual(
@@ -153,7 +153,7 @@ class GlueBenchmarkTest(TestCase):
             records.append(record)
         records += [
             dict(_record("sst2", m, 0, 0.8), train_examples=1000)
-            for m in glue.METHODS
+            for m in glue.COMPARED_METHODS
         ]
         rows = glue.sensitivity_table(records, ["sst2"]).splitlines()[2:]
         self.assertEqual(
@@ -205,7 +205,7 @@ class GlueBenchmarkTest(TestCase):
         total = 500
         main = [
             glue.train_indices(glue._run("cola", m, s, train_sample=100), total)
-            for m in glue.METHODS
+            for m in glue.COMPARED_METHODS
             for s in (0, 1)
         ]
         pool, full = main[0]
@@ -272,11 +272,12 @@ class GlueBenchmarkTest(TestCase):
     def test_a_variant_is_a_task_of_its_own_in_the_tables(self):
         sample = {"train_sample": 1000}
         records = [
-            _record("cola", m, 0, 0.4, metric="mcc") for m in glue.METHODS
+            _record("cola", m, 0, 0.4, metric="mcc")
+            for m in glue.COMPARED_METHODS
         ]
         records += [
             _record("cola", m, s, 0.1 * (i + 1) + 0.01 * s, sample, "mcc")
-            for i, m in enumerate(glue.METHODS)
+            for i, m in enumerate(glue.COMPARED_METHODS)
             for s in (0, 1)
         ]
         varied = {**sample, "upper_fraction": 0.1}
@@ -327,15 +328,15 @@ class GlueBenchmarkTest(TestCase):
 
     def test_table_matches_numpy(self):
         rng = np.random.default_rng(0)
-        values = {m: rng.uniform(0.5, 0.9, 3) for m in glue.METHODS}
+        values = {m: rng.uniform(0.5, 0.9, 3) for m in glue.COMPARED_METHODS}
         records = [
             _record("mrpc", method, seed, float(values[method][seed]))
-            for method in glue.METHODS
+            for method in glue.COMPARED_METHODS
             for seed in range(3)
         ]
         line = glue.main_table(records, ["mrpc"]).splitlines()[2]
         cells = [c.strip() for c in line.strip("|").split("|")]
-        for method, cell in zip(glue.METHODS, cells[1:4]):
+        for method, cell in zip(glue.COMPARED_METHODS, cells[1:4]):
             expected = values[method]
             self.assertEqual(
                 cell,
@@ -364,7 +365,7 @@ class GlueBenchmarkTest(TestCase):
         self.assertEqual(cells[5], "0 / 2 / 2")
 
     def test_sensitivity_rows_compare_with_the_default_runs(self):
-        records = [_record("rte", m, 0, 0.5) for m in glue.METHODS]
+        records = [_record("rte", m, 0, 0.5) for m in glue.COMPARED_METHODS]
         records.append(
             _record("rte", "bidora", 0, 0.7, {"upper_fraction": 0.1})
         )
@@ -426,7 +427,7 @@ class GlueStudyRunTest(TestCase):
         with open(os.path.join(out, "runs.jsonl")) as file:
             records = [json.loads(line) for line in file]
         self.assertEqual(
-            sorted(r["method"] for r in records), sorted(glue.METHODS)
+            sorted(r["method"] for r in records), sorted(glue.COMPARED_METHODS)
         )
         for record in records:
             self.assertEqual(record["train_examples"], 24)
