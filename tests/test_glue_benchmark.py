@@ -5,6 +5,7 @@ real (tiny) study runs the script as documented, in a subprocess on the
 outer run's backend, and its second invocation must recompute nothing.
 """
 
+import inspect
 import json
 import os
 import subprocess
@@ -81,15 +82,34 @@ class GlueBenchmarkTest(TestCase):
                 ("sst2", "bidora", 4, {"hypergradient": "first_order"}),
             ],
         )
-        argv = glue._train_argv(args, runs[0], 2, 1)
-        self.assertEqual(argv.count("--upper-every"), 1)
-        self.assertEqual(argv[argv.index("--upper-every") + 1], "4")
-        # The other settings are the main study's, whatever the defaults
-        # of `keras-bidora train` (darts, not its default first_order).
-        self.assertEqual(argv[argv.index("--hypergradient") + 1], "darts")
-        parsed = glue.cli.build_parser().parse_args(argv)
-        self.assertEqual(parsed.upper_fraction, 0.2)
-        self.assertEqual(parsed.direction_regularization, 1e-5)
+        settings = glue.run_settings(args, runs[0], 2, 1)
+        self.assertEqual(settings["upper_every"], 4)
+        # The other settings are the main study's, whatever the library's
+        # defaults (darts, not its default first_order).
+        self.assertEqual(settings["hypergradient"], "darts")
+        self.assertEqual(settings["upper_fraction"], 0.2)
+        self.assertEqual(settings["direction_regularization"], 1e-5)
+        self.assertEqual(
+            (settings["epochs"], settings["retrain_epochs"]), (2, 1)
+        )
+        # Every setting is an argument of the recipe.
+        from keras_bidora import recipes
+
+        parameters = inspect.signature(recipes.finetune).parameters
+        self.assertLessEqual(set(settings), set(parameters))
+        # --setting adds (or overrides) recipe arguments, numbers parsed.
+        args = self._sensitivity_args(
+            "sst2",
+            "--setting",
+            "learning_rate=2e-3",
+            "--setting",
+            "retrain_init=reinitialize",
+        )
+        settings = glue.run_settings(args, runs[0], 2, 1)
+        self.assertEqual(settings["learning_rate"], 2e-3)
+        self.assertEqual(settings["retrain_init"], "reinitialize")
+        with pytest.raises(SystemExit):
+            glue.parse_args(["--setting", "learning_rate"])
 
     def test_train_sizes_pick_the_subsets_and_their_table_rows(self):
         args = self._sensitivity_args(
@@ -149,8 +169,14 @@ class GlueBenchmarkTest(TestCase):
         for run, value in zip(runs, (0.5, 0.6, 0.7)):
             epochs, retrain = glue.epoch_budget(args, run, 200, 1000)
             record = _record("sst2", run["method"], 0, value, run["changes"])
-            record["train_argv"] = glue._train_argv(args, run, epochs, retrain)
+            record["settings"] = glue.run_settings(args, run, epochs, retrain)
             records.append(record)
+        # Runs made before the recipe moved into the library kept their
+        # command line instead; both count their epochs alike.
+        old_style = dict(records[0])
+        del old_style["settings"]
+        old_style["train_argv"] = ["--epochs", "15", "--retrain-epochs", "0"]
+        self.assertEqual(glue._epochs(old_style), glue._epochs(records[0]))
         records += [
             dict(_record("sst2", m, 0, 0.8), train_examples=1000)
             for m in glue.COMPARED_METHODS
