@@ -309,6 +309,50 @@ class BiDoRAModelTest(TestCase):
                 model.fit(x, y, batch_size=8, verbose=0)
             self.assertLen(calls, passes, msg=name)
 
+    def test_one_trace_per_phase(self):
+        # The step functions run as Python once per trace of a compiled
+        # train step (JAX, TensorFlow), and once per step when eager
+        # (torch). 45 samples: 36 lower (9 batches of 4 per epoch) and 9
+        # upper, which do not divide by 4: every upper batch is still full.
+        x, y = make_data(45)
+        model = self.compiled(upper_every=2)
+        calls = {"bilevel": 0, "retrain": 0, "evaluate": 0}
+
+        def counting(phase, function):
+            def step(*args, **kwargs):
+                calls[phase] += 1
+                return function(*args, **kwargs)
+
+            return step
+
+        test_step = model.test_step
+        steps = {
+            phase: counting(phase, step_lib.STEPS[phase])
+            for phase in ("bilevel", "retrain")
+        }
+        with (
+            mock.patch.dict(step_lib.STEPS, steps),
+            mock.patch.object(
+                model, "test_step", counting("evaluate", test_step)
+            ),
+        ):
+            model.fit(
+                x,
+                y,
+                batch_size=4,
+                epochs=2,
+                validation_data=(x[:40], y[:40]),
+                verbose=0,
+            )
+            model.retrain(x[:40], y[:40], batch_size=4, epochs=2, verbose=0)
+        if keras.config.backend() == "torch":
+            # Eager: each step runs once, none twice.
+            self.assertEqual(
+                calls, {"bilevel": 18, "retrain": 20, "evaluate": 20}
+            )
+        else:
+            self.assertEqual(calls, {"bilevel": 1, "retrain": 1, "evaluate": 1})
+
     def test_retrain_never_changes_magnitudes(self):
         x, y = make_data(20)
         model = self.compiled(upper_every=2)

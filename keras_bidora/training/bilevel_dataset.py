@@ -31,14 +31,31 @@ def _pack(x, y, sample_weight):
 
 
 class ArraySource:
-    """Batches of in-memory arrays, reshuffled per epoch with a fixed seed."""
+    """Batches of in-memory arrays, reshuffled per epoch with a fixed seed.
 
-    def __init__(self, x, y, sample_weight, batch_size, shuffle, seed):
+    With `full_batches`, every batch holds `min(batch_size, size)` samples:
+    the last one wraps around to the start of the epoch's order. The upper
+    split reads its batches so, so that a compiled step sees one upper
+    batch shape whatever the split's size (JAX compiles a program per
+    shape).
+    """
+
+    def __init__(
+        self,
+        x,
+        y,
+        sample_weight,
+        batch_size,
+        shuffle,
+        seed,
+        full_batches=False,
+    ):
         self.data = (x, y, sample_weight)
         self.size = _num_samples(self.data)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        self.full_batches = full_batches
 
     def __len__(self):
         return math.ceil(self.size / self.batch_size)
@@ -49,7 +66,12 @@ class ArraySource:
         return np.random.default_rng([self.seed, epoch]).permutation(self.size)
 
     def batch(self, index, order):
-        indices = order[index * self.batch_size : (index + 1) * self.batch_size]
+        start = index * self.batch_size
+        if self.full_batches:
+            width = min(self.batch_size, self.size)
+            indices = order[(start + np.arange(width)) % self.size]
+        else:
+            indices = order[start : start + self.batch_size]
         return _pack(*_take(self.data, indices))
 
 
@@ -192,7 +214,11 @@ def _split_arrays(
     upper_idx, lower_idx = np.sort(order[:n_upper]), np.sort(order[n_upper:])
     lower = ArraySource(*_take(data, lower_idx), batch_size, shuffle, seed)
     upper = ArraySource(
-        *_take(data, upper_idx), upper_batch_size, shuffle, seed + 1
+        *_take(data, upper_idx),
+        upper_batch_size,
+        shuffle,
+        seed + 1,
+        full_batches=True,
     )
     return lower, upper
 
@@ -217,7 +243,9 @@ def upper_source(upper_data, batch_size, shuffle, seed):
     )
     if _num_samples((x, y, sample_weight)) == 0:
         raise ValueError("upper_data holds no samples.")
-    return ArraySource(x, y, sample_weight, batch_size, shuffle, seed)
+    return ArraySource(
+        x, y, sample_weight, batch_size, shuffle, seed, full_batches=True
+    )
 
 
 class BiLevelDataset(keras.utils.PyDataset):

@@ -383,6 +383,10 @@ class BiDoRAModel(keras.Model):
             callbacks=[_EpochSetter(dataset), _NonFiniteLossGuard()]
             + callbacks,
             validation_data=validation_data,
+            # As `keras.Model.fit`: validation batches as large as training
+            # ones (the dataset given here carries no batch size).
+            validation_batch_size=kwargs.pop("validation_batch_size", None)
+            or batch_size,
             shuffle=False,
             initial_epoch=initial_epoch,
             **kwargs,
