@@ -628,7 +628,7 @@ def train_one(keras, args, run, arrays, meta, preset):
         score=lambda outputs: _score(spec, prepared, outputs),
         log=lambda message: None,
         callbacks=[callback],
-        **recipes.compile_settings(spec),
+        **recipes.compile_arguments(spec),
         **settings,
     )
     record = dict(run)
