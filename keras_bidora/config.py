@@ -84,3 +84,12 @@ DEMO_TASK = "sst2"
 DEMO_TRAIN_LIMIT = 1000
 DEMO_SEQUENCE_LENGTH = 48
 DEMO_LEARNING_RATE = 2e-3
+
+
+# The command line -------------------------------------------------------
+
+# What `--task` means with your own `--train`/`--dev` files.
+FILE_TASK_KINDS = ("classification", "regression")
+# What separates the two texts of a pair in `keras-bidora predict`.
+PAIR_SEPARATOR = "|||"
+DEMO_OUT = "keras-bidora-demo"

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from keras_bidora import cli
+from keras_bidora.cli import outputs
 from keras_bidora.data import Encoder
 from keras_bidora.data import TaskSpec
 from keras_bidora.data import load_task
@@ -409,7 +410,7 @@ def test_demo_table():
             "wall_time_s": {"train": 9.0},
         },
     ]
-    table = cli._demo_table(results, spec).splitlines()
+    table = outputs.demo_table(results, spec).splitlines()
     assert table[0].split() == [
         "method",
         "dev",
@@ -422,4 +423,52 @@ def test_demo_table():
     ]
     assert table[2].split() == ["lora", "0.5000", "1,000", "3"]
     assert table[3].split() == ["bidora", "0.7500", "1,200", "9"]
-    np.testing.assert_allclose(cli._smooth([1.0, 3.0], 2), [1.0, 2.0])
+    np.testing.assert_allclose(outputs.smooth([1.0, 3.0], 2), [1.0, 2.0])
+
+
+# Without matplotlib -----------------------------------------------------
+
+NO_MATPLOTLIB = (
+    "keras-bidora: matplotlib is not installed, so {} was not drawn; pip "
+    "install keras-bidora[cli] to get plots"
+)
+
+
+@pytest.mark.large
+def test_train_without_matplotlib_writes_everything_else(
+    tmp_path, capsys, monkeypatch
+):
+    # Only this key is restored afterwards (patching all of sys.modules
+    # would drop the modules the run imports).
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "run"
+    code, _, stderr = run_main(
+        capsys, "train", "--task", "sst2", "--method", "lora", "--out", out,
+        "--no-validation", *TINY,
+    )  # fmt: skip
+    assert code == 0, stderr
+    files = os.listdir(out)
+    assert "metrics.json" in files and "model.keras" in files
+    assert "training.png" not in files
+    assert NO_MATPLOTLIB.format("training.png") in stderr.splitlines()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "plot" not in metrics["files"]
+
+
+def test_demo_files_with_and_without_matplotlib(tmp_path, capsys, monkeypatch):
+    spec = TaskSpec(name="t", kind="classification", label_names=("a", "b"))
+    results = [
+        {
+            "method": "lora",
+            "dev": {"accuracy": 0.5},
+            "batch_loss": {"train": [0.7, 0.6, 0.5]},
+        }
+    ]
+    assert outputs.write_demo(tmp_path / "with", {}, results, spec)
+    assert sorted(os.listdir(tmp_path / "with")) == ["demo.json", "demo.png"]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert not outputs.write_demo(tmp_path / "without", {}, results, spec)
+    assert os.listdir(tmp_path / "without") == ["demo.json"]
+    assert capsys.readouterr().err.splitlines() == [
+        NO_MATPLOTLIB.format("demo.png")
+    ]

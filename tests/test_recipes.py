@@ -1,0 +1,250 @@
+"""Tests of `keras_bidora.recipes`: `finetune` for each method on a tiny
+random BERT, against references computed here (NumPy column norms,
+parameter counts from shapes, `keras.Model.predict` of the trained model).
+"""
+
+import os
+
+import keras
+import keras_hub
+import numpy as np
+
+from keras_bidora import BiDoRAModel
+from keras_bidora import config
+from keras_bidora import recipes
+from keras_bidora.data import get_task_spec
+from keras_bidora.data import load_task
+from keras_bidora.data import resolve_preset
+from tests.test_case import TestCase
+from tests.test_case import to_numpy
+
+SEQUENCE = 8
+HIDDEN = 16
+RANK = 2
+# The head of a BertTextClassifier: Dense(HIDDEN -> 2 classes).
+HEAD = HIDDEN * 2 + 2
+
+
+def build_task():
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=100,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=HIDDEN,
+        intermediate_dim=32,
+        max_sequence_length=16,
+    )
+    return keras_hub.models.BertTextClassifier(
+        backbone, num_classes=2, preprocessor=None
+    )
+
+
+def make_data(size, seed):
+    """Token ids whose first token decides the class: learnable."""
+    rng = np.random.default_rng(seed)
+    token_ids = rng.integers(1, 100, (size, SEQUENCE))
+    x = {
+        "token_ids": token_ids,
+        "segment_ids": np.zeros((size, SEQUENCE), "int32"),
+        "padding_mask": np.ones((size, SEQUENCE), "bool"),
+    }
+    return x, (token_ids[:, 0] < 50).astype("int32")
+
+
+TRAIN = make_data(64, seed=1)
+DEV = make_data(16, seed=2)
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def finetune(model, method, **kwargs):
+    settings = dict(
+        rank=RANK,
+        epochs=1,
+        batch_size=16,
+        learning_rate=1e-2,
+        loss=LOSS,
+        validation=False,
+        verbose=0,
+        log=None,
+    )
+    settings.update(kwargs)
+    return recipes.finetune(model, TRAIN, DEV, method, **settings)
+
+
+class MagnitudeLog(keras.callbacks.Callback):
+    """The magnitudes at the end of each phase's `fit`."""
+
+    def __init__(self):
+        super().__init__()
+        self.phases = []
+
+    def on_train_end(self, logs=None):
+        self.phases.append([to_numpy(m) for m in self.model.magnitudes])
+
+
+class FinetuneTest(TestCase):
+    def assert_merged_matches_trained(self, result):
+        trained = keras.Model.predict(result.model, DEV[0], verbose=0)
+        merged = keras.Model.predict(result.merged, DEV[0], verbose=0)
+        self.assertAllClose(merged, trained, atol=1e-4)
+        self.assertAllClose(result.dev_outputs, merged, atol=1e-6)
+        self.assertLess(result.merge_max_abs_difference, 1e-4)
+
+    def test_lora(self):
+        def accuracy(outputs):
+            return {"accuracy": float(np.mean(outputs.argmax(-1) == DEV[1]))}
+
+        result = finetune(build_task, "lora", epochs=3, score=accuracy)
+        self.assertEqual(result.method, "lora")
+        self.assertIsInstance(result.model, keras_hub.models.BertTextClassifier)
+        names = [v.path.rsplit("/", 1)[-1] for v in result.model.weights]
+        self.assertNotIn("magnitude", names)
+        # Query and value of 2 blocks, each a (16, 2, 8) kernel: 16 in, 16
+        # out.
+        direction = 2 * 2 * RANK * (HIDDEN + HIDDEN)
+        self.assertEqual(
+            result.parameters,
+            {
+                "trainable": direction + HEAD,
+                "magnitude": 0,
+                "direction": direction,
+                "head_and_other": HEAD,
+                "total": result.parameters["total"],
+            },
+        )
+        self.assert_merged_matches_trained(result)
+        self.assertEqual(result.dev_metrics, accuracy(result.dev_outputs))
+        losses = result.history["train"]["loss"]
+        self.assertLen(losses, 3)
+        self.assertLess(losses[-1], losses[0])
+        self.assertEqual(result.steps, {"train": 3 * 4})
+        self.assertLen(result.batch_loss["train"], 3 * 4)
+        self.assertEqual(
+            list(result.to_dict()),
+            [
+                "method",
+                "dev",
+                "wall_time_s",
+                "steps",
+                "epochs",
+                "batch_loss",
+                "parameters",
+                "merge_max_abs_difference",
+            ],
+        )
+        path = os.path.join(self.get_temp_dir(), result.adapter_file_name)
+        result.save_adapter(path)
+        self.assertEqual(os.path.basename(path), "adapter.npz")
+        self.assertTrue(os.path.exists(path))
+
+    def test_keras_lora(self):
+        result = finetune(build_task, "keras-lora")
+        self.assertEqual(result.parameters["magnitude"], 0)
+        self.assertGreater(result.parameters["direction"], 0)
+        self.assert_merged_matches_trained(result)
+        for layer in result.merged._flatten_layers():
+            self.assertFalse(getattr(layer, "lora_enabled", False))
+        self.assertEqual(result.adapter_file_name, "adapter.lora.h5")
+        path = os.path.join(self.get_temp_dir(), result.adapter_file_name)
+        result.save_adapter(path)
+        self.assertTrue(os.path.exists(path))
+
+    def test_dora_without_merge_and_with_sample_weights(self):
+        x, y = TRAIN
+        result = recipes.finetune(
+            build_task,
+            (x, y, np.ones(len(y), "float32")),
+            DEV,
+            "dora",
+            rank=RANK,
+            epochs=1,
+            batch_size=16,
+            loss=LOSS,
+            merge=False,
+            verbose=0,
+            log=None,
+        )
+        self.assertIsInstance(result.model, BiDoRAModel)
+        self.assertIsNone(result.merged)
+        self.assertIsNone(result.merge_max_abs_difference)
+        self.assertNotIn("merge_max_abs_difference", result.to_dict())
+        self.assertIsNone(result.dev_metrics)
+        # dora trains m and the direction jointly on all the data.
+        self.assertEqual(result.steps, {"train": 4})
+        self.assertEqual(result.parameters["magnitude"], 2 * 2 * HIDDEN)
+        self.assertIn("val_loss", result.history["train"])
+        self.assertAllClose(
+            result.dev_outputs,
+            keras.Model.predict(result.model, DEV[0], verbose=0),
+            atol=1e-6,
+        )
+
+    def test_magnitudes_start_at_the_column_norms(self):
+        # Checks the reference the bidora test compares with.
+        for layer in BiDoRAModel(build_task(), rank=RANK).adapted_layers:
+            kernel = to_numpy(layer.layer.kernel)
+            self.assertAllClose(
+                layer.magnitude, np.linalg.norm(kernel, axis=0), atol=1e-6
+            )
+
+    def test_bidora_retrain_keeps_the_bilevel_magnitudes(self):
+        keras.utils.set_random_seed(0)
+        task = build_task()
+        before = {v.path: to_numpy(v) for v in task.weights}
+        magnitudes = MagnitudeLog()
+        result = finetune(task, "bidora", callbacks=[magnitudes])
+        self.assertEqual(list(result.steps), ["bilevel", "retrain"])
+        # 64 examples: 51 lower (4 batches of 16) and 13 upper; retrain
+        # trains on all 64.
+        self.assertEqual(result.steps, {"bilevel": 4, "retrain": 4})
+        bilevel, retrain = magnitudes.phases
+        layers = result.model.adapted_layers
+        self.assertLen(layers, 4)
+        for layer, m_bilevel, m_retrain in zip(layers, bilevel, retrain):
+            kernel = before[layer.layer.kernel.path]
+            self.assertAllClose(to_numpy(layer.layer.kernel), kernel)
+            # `m` starts at W0's column norms and the bi-level phase moves it.
+            self.assertNotAllClose(
+                m_bilevel, np.linalg.norm(kernel, axis=0), atol=1e-4
+            )
+            self.assertAllClose(m_retrain, m_bilevel)
+        self.assertIn("upper_loss", result.history["bilevel"])
+        self.assert_merged_matches_trained(result)
+
+    def test_a_builder_and_a_seed_make_a_run_reproducible(self):
+        first = finetune(build_task, "lora", seed=3, merge=False)
+        second = finetune(build_task, "lora", seed=3, merge=False)
+        self.assertAllClose(first.dev_outputs, second.dev_outputs, atol=0)
+        self.assertEqual(first.batch_loss, second.batch_loss)
+
+    def test_bad_arguments_are_value_errors_naming_them(self):
+        task = build_task()
+        cases = [
+            (dict(method="adalora"), "'adalora'"),
+            (dict(method="lora", loss=None), "loss=None"),
+            (dict(method="bidora", retrain_init="warm"), "'warm'"),
+            (dict(method="keras-lora", dropout=0.1), "dropout=0.1"),
+            (dict(method="keras-lora", targets=["nothing"]), "nothing"),
+            (dict(method="lora", targets=["nothing"]), "nothing"),
+        ]
+        for kwargs, message in cases:
+            with self.assertRaisesRegex(ValueError, message):
+                finetune(task, **kwargs)
+
+
+class PrepareTest(TestCase):
+    def test_prepare_tokenizes_at_the_task_length_and_scores(self):
+        train = load_task("sst2", "train", limit=8)
+        dev = load_task("sst2", "dev", limit=4)
+        prepared = recipes.prepare(
+            train.spec, resolve_preset(None), train, dev, log=None
+        )
+        length = config.sequence_length("sst2")
+        self.assertEqual(prepared.x_train["token_ids"].shape, (8, length))
+        self.assertEqual(prepared.x_dev["token_ids"].shape, (4, length))
+        self.assertEqual(list(prepared.y_train), list(train.labels))
+        perfect = np.eye(2)[np.asarray(dev.labels)]
+        self.assertEqual(prepared.score(perfect), {"accuracy": 1.0})
+        arguments = recipes.compile_arguments(get_task_spec("stsb"))
+        self.assertIsInstance(arguments["loss"], keras.losses.MeanSquaredError)
+        self.assertNotIn("metrics", arguments)
