@@ -17,6 +17,7 @@ import time
 import keras
 import numpy as np
 
+from keras_bidora import _keras_compat
 from keras_bidora import config
 from keras_bidora import saving
 from keras_bidora.data import preprocessing
@@ -674,8 +675,7 @@ def _without_lora(value):
 
 
 def _all_layers(model):
-    # `_flatten_layers` is how KerasHub's own `enable_lora` walks a model.
-    return list(model._flatten_layers(include_self=False))
+    return _keras_compat.flatten_layers(model)
 
 
 # Data -------------------------------------------------------------------
