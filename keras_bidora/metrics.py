@@ -1,9 +1,8 @@
-"""Evaluation metrics for the GLUE tasks and NER, in NumPy.
+"""Evaluation metrics for the GLUE tasks and NER.
 
 They take plain labels and predictions (lists or arrays) and return Python
-floats, so they run the same under every Keras backend and need neither
-Keras nor scikit-learn. Each follows the usual definition that GLUE and
-seqeval report:
+floats, so they run the same under every Keras backend. Each follows the
+usual definition that GLUE and seqeval report:
 
 - `accuracy`: the fraction of equal labels.
 - `f1_score`: binary F1 of the positive class (MRPC) or the unweighted mean
@@ -15,6 +14,22 @@ seqeval report:
   sequences, an entity counting as found only when its type and both ends
   match (CoNLL-2003, as `seqeval` in its default mode).
 
+With the `[metrics]` extra installed, `sklearn.metrics` computes the first
+three and `scipy.stats` the correlations; without it, NumPy versions of the
+same definitions do (tests/test_metrics.py checks that both agree with the
+libraries). The edge cases are decided here, the same on both paths: empty
+or mismatched inputs raise `ValueError`, an undefined ratio in F1 counts as
+0, and a correlation with a constant input is 0 (where SciPy returns NaN).
+The labels of `accuracy`, `f1_score` and `matthews_corrcoef` are class
+labels (integers or strings): scikit-learn rejects other values, such as
+fractional floats, with a `ValueError` that the NumPy versions do not raise.
+
+The entity scores are this module's own code: `seqeval`, the library that
+usually computes them, is published only as a source distribution whose
+build fails with current setuptools-scm (`No module named
+'vcs_versioning'`), so it is no dependency. `entities` reads tags as
+seqeval's default mode (not `mode="strict"`) and `conlleval` do.
+
 Example:
 
 >>> from keras_bidora import metrics
@@ -24,7 +39,23 @@ Example:
 {'precision': 0.0, 'recall': 0.0, 'f1': 0.0}
 """
 
+import functools
+import importlib
+
 import numpy as np
+
+
+@functools.cache
+def _library(name):
+    """The module `name`, or None without the `[metrics]` extra.
+
+    Imported on first use, not with this module: scikit-learn and SciPy
+    take about a second each to import, which every CLI start would pay.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def _pair(y_true, y_pred):
@@ -37,7 +68,13 @@ def _pair(y_true, y_pred):
         )
     if y_true.size == 0:
         raise ValueError("y_true and y_pred must not be empty.")
-    return y_true, y_pred
+    # Compared element by element: scikit-learn would read a 2-D array as
+    # multi-label targets.
+    return y_true.ravel(), y_pred.ravel()
+
+
+def _is_constant(values):
+    return bool(np.all(values == values[0]))
 
 
 def _divide(numerator, denominator):
@@ -56,14 +93,17 @@ def accuracy(y_true, y_pred):
     """Fraction of predictions equal to the labels.
 
     Args:
-        y_true: labels, any shape.
-        y_pred: predictions, same shape.
+        y_true: class labels, any shape.
+        y_pred: predicted class labels, same shape.
 
     Returns:
         A float in [0, 1].
     """
     y_true, y_pred = _pair(y_true, y_pred)
-    return float(np.mean(y_true == y_pred))
+    sklearn_metrics = _library("sklearn.metrics")
+    if sklearn_metrics is None:
+        return float(np.mean(y_true == y_pred))
+    return float(sklearn_metrics.accuracy_score(y_true, y_pred))
 
 
 def f1_score(y_true, y_pred, average="binary", pos_label=1):
@@ -79,7 +119,9 @@ def f1_score(y_true, y_pred, average="binary", pos_label=1):
         average: `"binary"` for the F1 of `pos_label` only (GLUE MRPC), or
             `"macro"` for the unweighted mean of the F1 of each class that
             appears in `y_true` or `y_pred`.
-        pos_label: the positive class for `average="binary"`.
+        pos_label: the positive class for `average="binary"`; any other
+            label counts as negative, and a `pos_label` that appears
+            nowhere scores 0.
 
     Returns:
         A float in [0, 1].
@@ -93,6 +135,22 @@ def f1_score(y_true, y_pred, average="binary", pos_label=1):
         raise ValueError(
             "average must be 'binary' or 'macro'. Received: "
             f"average={average!r}"
+        )
+    sklearn_metrics = _library("sklearn.metrics")
+    if sklearn_metrics is not None:
+        # The F1 of the listed classes, averaged: scikit-learn's
+        # `average="binary"` would refuse more than two classes and a
+        # `pos_label` absent from two present ones, which score here as
+        # above. `zero_division=0` is the 0 for an undefined ratio, without
+        # its warning.
+        return float(
+            sklearn_metrics.f1_score(
+                y_true,
+                y_pred,
+                labels=classes,
+                average="macro",
+                zero_division=0,
+            )
         )
     scores = []
     for label in classes:
@@ -110,7 +168,8 @@ def matthews_corrcoef(y_true, y_pred):
 
     The multi-class form (Gorodkin 2004), which for two classes equals
     `(TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN))`. It is 0 when
-    the denominator is 0, e.g. when every prediction is the same class.
+    the denominator is 0, i.e. when the labels or the predictions are all
+    the same class.
 
     Args:
         y_true: class labels, 1-D.
@@ -120,6 +179,12 @@ def matthews_corrcoef(y_true, y_pred):
         A float in [-1, 1].
     """
     y_true, y_pred = _pair(y_true, y_pred)
+    # scikit-learn returns 0 too, but warns when only one class appears.
+    if _is_constant(y_true) or _is_constant(y_pred):
+        return 0.0
+    sklearn_metrics = _library("sklearn.metrics")
+    if sklearn_metrics is not None:
+        return float(sklearn_metrics.matthews_corrcoef(y_true, y_pred))
     classes, encoded = np.unique(
         np.concatenate([y_true, y_pred]), return_inverse=True
     )
@@ -137,6 +202,12 @@ def matthews_corrcoef(y_true, y_pred):
     return _divide(covariance, np.sqrt(true_spread * pred_spread))
 
 
+def _numpy_pearson(x, y):
+    x = x - np.mean(x)
+    y = y - np.mean(y)
+    return _divide(np.dot(x, y), np.sqrt(np.dot(x, x) * np.dot(y, y)))
+
+
 def pearson(x, y):
     """Pearson correlation coefficient (GLUE STS-B).
 
@@ -148,9 +219,16 @@ def pearson(x, y):
         A float in [-1, 1]; 0 if either input is constant.
     """
     x, y = _pair(x, y)
-    x = x.astype(np.float64) - np.mean(x, dtype=np.float64)
-    y = y.astype(np.float64) - np.mean(y, dtype=np.float64)
-    return _divide(np.dot(x, y), np.sqrt(np.dot(x, x) * np.dot(y, y)))
+    # SciPy returns NaN (and warns) for a constant input, and wants two
+    # values at least (one value is constant).
+    if _is_constant(x) or _is_constant(y):
+        return 0.0
+    x = x.astype(np.float64)
+    y = y.astype(np.float64)
+    scipy_stats = _library("scipy.stats")
+    if scipy_stats is None:
+        return _numpy_pearson(x, y)
+    return float(scipy_stats.pearsonr(x, y).statistic)
 
 
 def _average_ranks(values):
@@ -180,7 +258,13 @@ def spearman(x, y):
         A float in [-1, 1]; 0 if either input is constant.
     """
     x, y = _pair(x, y)
-    return pearson(_average_ranks(x.ravel()), _average_ranks(y.ravel()))
+    # As in `pearson`: SciPy's NaN for a constant input is 0 here.
+    if _is_constant(x) or _is_constant(y):
+        return 0.0
+    scipy_stats = _library("scipy.stats")
+    if scipy_stats is None:
+        return _numpy_pearson(_average_ranks(x), _average_ranks(y))
+    return float(scipy_stats.spearmanr(x, y).statistic)
 
 
 def _split_tag(tag):
@@ -201,7 +285,10 @@ def entities(tags):
     An entity starts at a `B-` tag, or at an `I-` tag whose type differs
     from the previous tag's (or that follows `O`), and runs over the
     following `I-` tags of its type: the reading of `conlleval` and
-    `seqeval`'s default mode.
+    `seqeval`'s default mode, under which IOB1 sequences (where `B-` only
+    separates two adjacent entities of one type) read correctly too. The
+    `E-` and `S-` tags that seqeval's default mode also accepts raise
+    `ValueError` here.
 
     Args:
         tags: a sequence of tags such as `["B-PER", "I-PER", "O"]`.

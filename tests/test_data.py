@@ -3,9 +3,7 @@ import os
 
 import numpy as np
 import pytest
-from scipy import stats
 
-from keras_bidora import metrics
 from keras_bidora.data import IGNORE
 from keras_bidora.data import TASKS
 from keras_bidora.data import Encoder
@@ -26,121 +24,6 @@ SHIPPED_ROWS = {
     "stsb": (1917, 1500),
     "conll2003": (472, 391),
 }
-
-
-# Metrics ---------------------------------------------------------------
-
-
-def test_accuracy():
-    assert metrics.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
-    assert metrics.accuracy(np.array([2, 2]), np.array([2, 2])) == 1.0
-
-
-def test_binary_f1_by_hand():
-    # TP = 2, FP = 1, FN = 1: precision = recall = 2/3.
-    y_true = [1, 1, 1, 0, 0]
-    y_pred = [1, 1, 0, 1, 0]
-    assert metrics.f1_score(y_true, y_pred) == pytest.approx(2 / 3)
-    # No positive predicted and none true: F1 is 0, not NaN.
-    assert metrics.f1_score([0, 0], [0, 0]) == 0.0
-
-
-def test_macro_f1_by_hand():
-    y_true = ["a", "a", "b", "c"]
-    y_pred = ["a", "b", "b", "b"]
-    # a: P=1, R=1/2 -> 2/3; b: P=1/3, R=1 -> 1/2; c: 0.
-    expected = (2 / 3 + 1 / 2 + 0) / 3
-    assert metrics.f1_score(y_true, y_pred, average="macro") == (
-        pytest.approx(expected)
-    )
-
-
-def test_matthews_by_hand_and_degenerate():
-    # TP=2, TN=1, FP=1, FN=1: (2*1 - 1*1) / sqrt(3*3*2*2) = 1/6.
-    y_true = [1, 1, 1, 0, 0]
-    y_pred = [1, 1, 0, 1, 0]
-    assert metrics.matthews_corrcoef(y_true, y_pred) == pytest.approx(1 / 6)
-    # A constant prediction (the majority class) scores 0, as in GLUE.
-    assert metrics.matthews_corrcoef([1, 0, 1], [1, 1, 1]) == 0.0
-    assert metrics.matthews_corrcoef([1, 0, 1], [1, 0, 1]) == 1.0
-    assert metrics.matthews_corrcoef([1, 0, 1], [0, 1, 0]) == -1.0
-
-
-def test_matthews_multiclass_matches_pearson_of_one_hot_form():
-    # For two classes MCC equals the Pearson correlation of the labels.
-    rng = np.random.default_rng(0)
-    y_true = rng.integers(0, 2, 200)
-    y_pred = np.where(rng.random(200) < 0.7, y_true, 1 - y_true)
-    expected = stats.pearsonr(y_true, y_pred).statistic
-    assert metrics.matthews_corrcoef(y_true, y_pred) == pytest.approx(expected)
-    # Multi-class, by hand: confusion [[2, 1], [0, 1]] padded with a class
-    # nobody predicts; Gorodkin's formula.
-    y_true = [0, 0, 0, 1, 2]
-    y_pred = [0, 0, 1, 1, 1]
-    c = np.array([[2, 1, 0], [0, 1, 0], [0, 1, 0]], dtype=float)
-    t, p, s, n = c.sum(1), c.sum(0), np.trace(c), c.sum()
-    expected = (s * n - t @ p) / np.sqrt((n**2 - t @ t) * (n**2 - p @ p))
-    assert metrics.matthews_corrcoef(y_true, y_pred) == pytest.approx(expected)
-
-
-def test_correlations_against_scipy():
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=100)
-    y = 0.5 * x + rng.normal(size=100)
-    assert metrics.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
-    assert metrics.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
-    # Ties (STS-B scores repeat) take average ranks, as scipy's.
-    x = np.round(rng.uniform(0, 5, 300) * 2) / 2
-    y = np.round(x + rng.normal(size=300))
-    assert metrics.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
-    assert metrics.pearson([1, 1, 1], [1, 2, 3]) == 0.0
-
-
-def test_entities_and_entity_scores():
-    assert metrics.entities(["B-PER", "I-PER", "O", "B-LOC"]) == [
-        ("PER", 0, 2),
-        ("LOC", 3, 4),
-    ]
-    # A stray I- starts an entity; a type change ends one (conlleval).
-    assert metrics.entities(["O", "I-ORG", "I-LOC", "B-LOC", "I-LOC"]) == [
-        ("ORG", 1, 2),
-        ("LOC", 2, 3),
-        ("LOC", 3, 5),
-    ]
-    # seqeval's README example: one of two entities found in each sentence
-    # set, so precision = recall = F1 = 0.5.
-    y_true = [
-        ["O", "O", "O", "B-MISC", "I-MISC", "I-MISC", "O"],
-        ["B-PER", "I-PER", "O"],
-    ]
-    y_pred = [
-        ["O", "O", "B-MISC", "I-MISC", "I-MISC", "I-MISC", "O"],
-        ["B-PER", "I-PER", "O"],
-    ]
-    assert metrics.entity_scores(y_true, y_pred) == {
-        "precision": 0.5,
-        "recall": 0.5,
-        "f1": 0.5,
-    }
-    # Two true entities, three predicted, one right: P=1/3, R=1/2, F1=2/5.
-    scores = metrics.entity_scores(
-        [["B-PER", "O", "B-ORG", "I-ORG"]],
-        [["B-PER", "B-LOC", "B-ORG", "O"]],
-    )
-    assert scores["precision"] == pytest.approx(1 / 3)
-    assert scores["recall"] == pytest.approx(1 / 2)
-    assert scores["f1"] == pytest.approx(0.4)
-
-
-def test_metric_errors():
-    with pytest.raises(ValueError, match="same shape"):
-        metrics.accuracy([1, 2], [1])
-    with pytest.raises(ValueError, match="average"):
-        metrics.f1_score([1], [1], average="micro")
-    with pytest.raises(ValueError, match="IOB2"):
-        metrics.entities(["X-PER"])
-    with pytest.raises(ValueError, match="Sentence 0"):
-        metrics.entity_scores([["O"]], [["O", "O"]])
 
 
 # Task specs and shipped files ------------------------------------------
