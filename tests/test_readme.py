@@ -39,8 +39,9 @@ def run_example(code, cwd):
 
 class ReadmeTest(TestCase):
     def test_examples_are_found(self):
-        # The layer, "Adapt a KerasHub model" and "Train with BiDoRA".
-        self.assertLen(readme_examples(), 3)
+        # The layer, "Adapt a KerasHub model", "Train with BiDoRA" and
+        # "Fine-tune with the recipe".
+        self.assertLen(readme_examples(), 4)
 
     @pytest.mark.large
     def test_examples_run(self):
