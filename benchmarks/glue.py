@@ -620,7 +620,7 @@ def train_one(keras, args, run, arrays, meta, preset):
     callback = _dev_curve_callback(keras, prepared, spec, batch_size, points)
     start = time.perf_counter()
     result = recipes.finetune(
-        lambda: preprocessing.build_model(spec, preset),
+        lambda: preprocessing.build_model(spec, preset)[0],
         (prepared.x_train, prepared.y_train),
         (prepared.x_dev, prepared.y_dev),
         run["method"],

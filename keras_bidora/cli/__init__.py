@@ -12,12 +12,10 @@ stderr and exit code 2. Training writes into a temporary folder next to
 
 import sys
 
-from keras_bidora import config
 from keras_bidora.cli import commands
 from keras_bidora.cli.parser import PROG
 from keras_bidora.cli.parser import UsageError
 from keras_bidora.cli.parser import build_parser
-from keras_bidora.data import preprocessing  # noqa: F401 (benchmarks/glue.py)
 
 
 def main(argv=None):
@@ -35,24 +33,3 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-
-
-# What benchmarks/glue.py reads from the command line today; remove once
-# it calls `keras_bidora.recipes` (issue 23).
-BACKENDS = config.BACKENDS
-DEFAULT_SEQUENCE_LENGTHS = config.SEQUENCE_LENGTHS
-DEFAULT_SEQUENCE_LENGTH = config.SEQUENCE_LENGTH
-_use_backend = commands.use_backend
-
-
-def _predict(keras, model, x, batch_size):
-    from keras_bidora import recipes
-
-    return recipes.predict(model, x, batch_size)
-
-
-def train_method(keras, args, method, spec, preset, prepared, **kwargs):
-    result, finetuned = commands.train_method(
-        args, method, spec, preset, prepared, **kwargs
-    )
-    return result, finetuned.merged, finetuned.save_adapter

@@ -91,7 +91,7 @@ class BiDoRAModel(keras.Model):
     Args:
         model: a built Keras model (KerasHub backbone or task).
         rank: rank of the direction updates.
-        alpha: scale numerator (`s = alpha / rank`); defaults to `rank`.
+        alpha: scale numerator (`s = alpha / rank`); defaults to `2 * rank`.
         targets: which layers to adapt; see `keras_bidora.inject`.
         dropout: dropout on the adapters' input.
         upper_fraction: fraction of the training data held out for the
