@@ -498,15 +498,7 @@ def _finish(model, trained, dev, batch_size, merge, score, settings):
 
 
 def _merge(trained):
-    merged = saving.merge(trained)
-    if keras.config.backend() == "jax":
-        # `saving.merge` gives the copy the trained model's own JAX arrays
-        # for every weight it does not merge, and `keras.Model.predict`
-        # donates its model's arrays: without copies, predicting with one
-        # model deletes the other's weights.
-        for variable in merged.weights:
-            variable.assign(keras.ops.copy(variable.value))
-    return merged
+    return saving.merge(trained)
 
 
 def predict(model, x, batch_size=config.EVALUATION_BATCH_SIZE):

@@ -8,6 +8,7 @@ import zipfile
 
 import keras
 import numpy as np
+from keras import ops
 
 from keras_bidora.injection import injected_model
 from keras_bidora.injection import injection_config
@@ -195,8 +196,8 @@ def merge(model):
     bias. The copy is rebuilt from the model's pre-injection config, so it
     holds no keras_bidora objects: saved as `.keras`, it loads with plain
     `keras.saving.load_model`. The copy is not compiled; a KerasHub task
-    copy shares the original's preprocessor. The input model is not
-    changed.
+    copy shares the original's preprocessor and, for a generative task,
+    its sampler. The input model is not changed.
 
     Args:
         model: a model returned by `keras_bidora.inject`, or a
@@ -255,10 +256,18 @@ def merge(model):
     kernels = {id(layer.layer.kernel): layer for layer in layers}
     for weight, merged_weight in zip(weights, merged_weights):
         layer = kernels.get(id(weight))
-        value = weight.value if layer is None else layer.merged_kernel()
+        # A copy, not the model's own array: JAX's `predict` donates its
+        # model's arrays, so shared ones would be deleted under the other.
+        value = (
+            ops.copy(weight.value) if layer is None else layer.merged_kernel()
+        )
         merged_weight.assign(value)
     if preprocessor is not None:
         merged.preprocessor = preprocessor
+    if getattr(source, "sampler", None) is not None:
+        # A generative task's sampler (e.g. greedy) is part of what it
+        # generates; the copy's would be its class's default.
+        merged.sampler = source.sampler
     return merged
 
 

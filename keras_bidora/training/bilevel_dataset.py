@@ -5,6 +5,9 @@ import math
 import keras
 import numpy as np
 
+from keras_bidora.training.raw_inputs import is_tf_dataset
+from keras_bidora.training.raw_inputs import to_numpy
+
 
 def _num_samples(structure):
     lengths = {len(a) for a in keras.tree.flatten(structure) if a is not None}
@@ -76,55 +79,65 @@ class ArraySource:
 
 
 class BatchSource:
-    """A list of ready-made batches, visited in a per-epoch seeded order."""
+    """Batches of a `PyDataset`, visited in a per-epoch seeded order.
 
-    def __init__(self, batches, shuffle, seed):
-        self.batches = batches
+    Only the indices of its batches (`indices`) are held: each batch is
+    read from `dataset` when the step needs it.
+    """
+
+    def __init__(self, dataset, indices, shuffle, seed):
+        self.dataset = dataset
+        self.indices = list(indices)
         self.shuffle = shuffle
         self.seed = seed
 
     def __len__(self):
-        return len(self.batches)
+        return len(self.indices)
 
     def order(self, epoch):
         if not self.shuffle:
-            return np.arange(len(self.batches))
+            return np.arange(len(self.indices))
         rng = np.random.default_rng([self.seed, epoch])
-        return rng.permutation(len(self.batches))
+        return rng.permutation(len(self.indices))
 
     def batch(self, index, order):
-        return self.batches[order[index]]
+        return _numpy_batch(self.dataset[self.indices[order[index]]])
 
 
-def materialize_batches(dataset):
-    """Reads a `tf.data.Dataset` or `keras.utils.PyDataset` into batches."""
-    if isinstance(dataset, keras.utils.PyDataset):
-        batches = [dataset[i] for i in range(len(dataset))]
-    else:
-        batches = list(dataset.as_numpy_iterator())
+class StreamSource:
+    """An upper split read from a `tf.data.Dataset` as the steps need it.
 
-    def to_numpy(a):
-        return None if a is None else keras.ops.convert_to_numpy(a)
+    Each epoch restarts the dataset (repeated when it runs out); a batch
+    serves every lower step of its upper period.
+    """
 
-    packed = []
-    for batch in batches:
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
-        packed.append(
-            _pack(
-                keras.tree.map_structure(to_numpy, x),
-                None if y is None else keras.tree.map_structure(to_numpy, y),
-                None if sample_weight is None else to_numpy(sample_weight),
-            )
-        )
-    return packed
+    def __init__(self, dataset):
+        if int(dataset.cardinality()) == 0:
+            raise ValueError("upper_data is an empty dataset.")
+        self.dataset = dataset.repeat()
+
+    def __len__(self):
+        return 2**31
+
+    def order(self, epoch):
+        self._iterator = iter(self.dataset)
+        self._index = None
+        return None
+
+    def batch(self, index, order):
+        if index != self._index:
+            self._index = index
+            self._batch = _numpy_batch(next(self._iterator))
+        return self._batch
+
+
+def _numpy_batch(batch):
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+    return _pack(*to_numpy((x, y, sample_weight)))
 
 
 def is_dataset(x):
-    if isinstance(x, keras.utils.PyDataset):
-        return True
-    return type(x).__module__.startswith("tensorflow") and hasattr(
-        x, "as_numpy_iterator"
-    )
+    return isinstance(x, keras.utils.PyDataset) or is_tf_dataset(x)
 
 
 def split_sources(
@@ -138,27 +151,24 @@ def split_sources(
     shuffle,
     seed,
 ):
-    """Builds the lower and upper sources from what `fit` received.
+    """Builds the lower and upper sources from arrays or a `PyDataset`.
 
     Arrays (and dicts or tuples of arrays) are split by samples: a seeded
     permutation puts `upper_fraction` of them in the upper split. A
-    `tf.data.Dataset` or `PyDataset` is read once into its batches, which
-    are split the same way, by batches. With `upper_data`, all of `x` is
-    lower data.
+    `PyDataset` is split the same way by batches, which are read when a
+    step needs them. With `upper_data`, all of `x` is lower data.
     """
     upper_batch_size = upper_batch_size or batch_size
-    if is_dataset(x):
-        if y is not None or sample_weight is not None:
-            raise ValueError(
-                "When x is a dataset, y and sample_weight must be None: the "
-                "dataset yields them. Received: "
-                f"y={type(y).__name__}, "
-                f"sample_weight={type(sample_weight).__name__}"
-            )
-        batches = materialize_batches(x)
+    if isinstance(x, keras.utils.PyDataset):
+        check_no_labels(y, sample_weight)
+        count = _py_dataset_length(x, "x")
         if upper_data is None:
-            return _split_batches(batches, upper_fraction, shuffle, seed)
-        lower = BatchSource(batches, shuffle, seed)
+            lower, upper = split_indices(count, upper_fraction, seed)
+            return (
+                BatchSource(x, lower, shuffle, seed),
+                BatchSource(x, upper, shuffle, seed),
+            )
+        lower = BatchSource(x, range(count), shuffle, seed)
     else:
         if upper_data is None:
             return _split_arrays(
@@ -174,26 +184,44 @@ def split_sources(
     return lower, upper
 
 
-def _split_batches(batches, upper_fraction, shuffle, seed):
-    """A seeded `upper_fraction` of the batches (at least one each side)."""
-    if len(batches) < 2:
+def check_no_labels(y, sample_weight):
+    if y is not None or sample_weight is not None:
         raise ValueError(
-            "The dataset has fewer than 2 batches, so no batch is "
-            "left for the upper split. Pass more data, a smaller "
-            "batch size, or `upper_data`. Received: "
-            f"{len(batches)} batch(es)"
+            "When x is a dataset, y and sample_weight must be None: the "
+            "dataset yields them. Received: "
+            f"y={type(y).__name__}, "
+            f"sample_weight={type(sample_weight).__name__}"
         )
-    order = np.random.default_rng(seed).permutation(len(batches))
-    n_upper = min(
-        len(batches) - 1, max(1, round(len(batches) * upper_fraction))
-    )
-    upper = BatchSource(
-        [batches[i] for i in sorted(order[:n_upper])], shuffle, seed
-    )
-    lower = BatchSource(
-        [batches[i] for i in sorted(order[n_upper:])], shuffle, seed
-    )
-    return lower, upper
+
+
+def _py_dataset_length(dataset, what):
+    count = dataset.num_batches
+    if count is None:
+        raise ValueError(
+            f"{what} is an endless PyDataset (num_batches is None); the "
+            "bi-level split needs its number of batches. Pass a "
+            "tf.data.Dataset to stream endless data. Received: "
+            f"{type(dataset).__name__}"
+        )
+    return count
+
+
+def split_indices(count, upper_fraction, seed, unit="batch"):
+    """The lower and upper indices of `count` batches (or samples).
+
+    A seeded permutation picks `round(count * upper_fraction)` of them
+    (at least one, and one fewer than all) for the upper split; each list
+    is sorted.
+    """
+    if count < 2:
+        raise ValueError(
+            f"The dataset has fewer than 2 {unit}es, so none is left for "
+            "the upper split. Pass more data, a smaller batch size, or "
+            f"`upper_data`. Received: {count} {unit}(es)"
+        )
+    order = np.random.default_rng(seed).permutation(count)
+    n_upper = min(count - 1, max(1, round(count * upper_fraction)))
+    return np.sort(order[n_upper:]), np.sort(order[:n_upper])
 
 
 def _split_arrays(
@@ -224,11 +252,13 @@ def _split_arrays(
 
 
 def upper_source(upper_data, batch_size, shuffle, seed):
-    if is_dataset(upper_data):
-        batches = materialize_batches(upper_data)
-        if not batches:
+    if is_tf_dataset(upper_data):
+        return StreamSource(upper_data)
+    if isinstance(upper_data, keras.utils.PyDataset):
+        count = _py_dataset_length(upper_data, "upper_data")
+        if not count:
             raise ValueError("upper_data is an empty dataset.")
-        return BatchSource(batches, shuffle, seed)
+        return BatchSource(upper_data, range(count), shuffle, seed)
     if not isinstance(upper_data, (tuple, list)) or len(upper_data) not in (
         2,
         3,
@@ -260,11 +290,12 @@ class BiLevelDataset(keras.utils.PyDataset):
     training.
     """
 
-    def __init__(self, lower, upper, upper_every):
+    def __init__(self, lower, upper, upper_every, transform=None):
         super().__init__()
         self.lower = lower
         self.upper = upper
         self.upper_every = upper_every
+        self.transform = transform or (lambda batch: batch)
         self.set_epoch(0)
 
     def set_epoch(self, epoch):
@@ -278,13 +309,160 @@ class BiLevelDataset(keras.utils.PyDataset):
     def __getitem__(self, index):
         due = index % self.upper_every == 0
         upper_index = (index // self.upper_every) % len(self.upper)
-        lower = self.lower.batch(index, self._lower_order)
+        lower = self.transform(self.lower.batch(index, self._lower_order))
+        upper = self.upper.batch(upper_index, self._upper_order)
         # One flag per lower sample: Keras's data adapters want arrays of
         # rank >= 1, and a distribution shards every array along its batch
         # axis.
         size = len(keras.tree.flatten(lower[0])[0])
         return (
             lower,
-            self.upper.batch(upper_index, self._upper_order),
+            self.transform(upper),
             np.full((size,), due),
         )
+
+
+class Batches(keras.utils.PyDataset):
+    """One source's batches, reshuffled per epoch, through `transform`.
+
+    Feeds `keras.Model.fit`, `evaluate` and `predict` with raw arrays that
+    the task's preprocessor turns into batches.
+    """
+
+    def __init__(self, source, transform):
+        super().__init__()
+        self.source = source
+        self.transform = transform
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        self._order = self.source.order(epoch)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        return self.transform(self.source.batch(index, self._order))
+
+
+# Streams: a tf.data.Dataset split without reading it -----------------------
+
+
+def stream(
+    dataset,
+    upper_data,
+    upper_fraction,
+    batch_size,
+    upper_batch_size,
+    upper_every,
+    seed,
+    preprocess=None,
+):
+    """The bi-level `tf.data.Dataset` of `(lower, upper, due)` batches.
+
+    The dataset is split into a lower and an upper stream without being
+    read: unit `i` (an element, or a batch when the dataset is batched)
+    goes to the upper stream when a seeded rule on `i` says so. With a
+    known number of units the rule is `split_indices`' permutation (the
+    same split as a `PyDataset`'s); for an endless or unknown-length
+    stream it is `uniform(seed, i) < upper_fraction`. The upper stream
+    repeats; each of its batches serves `upper_every` lower steps, of
+    which the first is due. An epoch is one pass over the lower stream.
+
+    Args:
+        dataset: a `tf.data.Dataset` of samples or of batches.
+        upper_data: None, or a `tf.data.Dataset` for the upper level.
+        upper_fraction: the upper stream's share of the units.
+        batch_size: the batch size of an unbatched dataset.
+        upper_batch_size: the upper batch size of an unbatched dataset.
+        upper_every: an upper step every this many lower steps.
+        seed: the split's seed.
+        preprocess: None, or a function `(x, y, sample_weight) -> batch`
+            mapped over both streams' batches (the task's preprocessor).
+
+    Returns:
+        A `tf.data.Dataset` for `keras.Model.fit`.
+    """
+    import tensorflow as tf
+
+    from keras_bidora.training.raw_inputs import is_batched
+
+    lower_units = int(dataset.cardinality())
+    if upper_data is None:
+        is_upper, lower_units = _upper_rule(dataset, upper_fraction, seed)
+        indexed = dataset.enumerate()
+        lower = indexed.filter(lambda i, _: tf.logical_not(is_upper(i)))
+        upper = indexed.filter(lambda i, _: is_upper(i))
+        lower = lower.map(lambda _, element: element)
+        upper = upper.map(lambda _, element: element)
+    else:
+        lower, upper = dataset, upper_data
+    if not is_batched(dataset):
+        lower = lower.batch(batch_size)
+        lower_units = math.ceil(lower_units / batch_size)
+    if lower_units >= 0:
+        # Keras then knows an epoch's length instead of finding it out by
+        # running the stream dry.
+        lower = lower.apply(
+            tf.data.experimental.assert_cardinality(lower_units)
+        )
+    if is_batched(dataset if upper_data is None else upper_data):
+        upper = upper.repeat()
+    else:
+        # Batched after repeating: every upper batch is full, so that a
+        # compiled step sees one upper batch shape.
+        upper = upper.repeat().batch(upper_batch_size, drop_remainder=True)
+    if preprocess is not None:
+        lower = lower.map(_unpacked(preprocess))
+        upper = upper.map(_unpacked(preprocess))
+    upper = upper.flat_map(
+        lambda *batch: tf.data.Dataset.from_tensors(batch).repeat(upper_every)
+    )
+    due = tf.data.Dataset.range(2**62).map(lambda i: i % upper_every == 0)
+
+    def with_due(lower_batch, upper_batch, is_due):
+        size = tf.shape(tf.nest.flatten(lower_batch)[0])[0]
+        return lower_batch, upper_batch, tf.fill([size], is_due)
+
+    combined = tf.data.Dataset.zip((lower, upper, due)).map(with_due)
+    if lower_units >= 0:
+        # Keras then knows an epoch's length instead of finding it out by
+        # running the stream dry.
+        combined = combined.apply(
+            tf.data.experimental.assert_cardinality(lower_units)
+        )
+    return combined.prefetch(tf.data.AUTOTUNE)
+
+
+def _unpacked(preprocess):
+    def apply(*element):
+        element = element[0] if len(element) == 1 else element
+        return preprocess(*keras.utils.unpack_x_y_sample_weight(element))
+
+    return apply
+
+
+def _upper_rule(dataset, upper_fraction, seed):
+    """`is_upper(i)` for unit `i` and the lower units' count (or -1).
+
+    A known number of units is split by `split_indices`' permutation, an
+    unknown or endless one by a seeded hash of `i`.
+    """
+    import tensorflow as tf
+
+    count = int(dataset.cardinality())
+    if count >= 0:
+        _, upper = split_indices(count, upper_fraction, seed)
+        mask = np.zeros(count, dtype=bool)
+        mask[upper] = True
+        mask = tf.constant(mask)
+        return (lambda i: tf.gather(mask, i)), count - len(upper)
+    threshold = tf.constant(upper_fraction, "float32")
+
+    def is_upper(i):
+        draw = tf.random.stateless_uniform(
+            [], seed=tf.stack([tf.cast(seed, "int64"), i])
+        )
+        return draw < threshold
+
+    return is_upper, -1

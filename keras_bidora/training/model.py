@@ -10,9 +10,10 @@ from keras_bidora import _keras_compat
 from keras_bidora import config
 from keras_bidora.distribution import distribute_adapters
 from keras_bidora.layers.bidora_dense import adapted_layers
+from keras_bidora.training import bilevel_dataset
 from keras_bidora.training import hypergradients
-from keras_bidora.training.bilevel_dataset import BiLevelDataset
-from keras_bidora.training.bilevel_dataset import split_sources
+from keras_bidora.training import inputs
+from keras_bidora.training import raw_inputs
 from keras_bidora.training.partition import Partition
 from keras_bidora.training.step import STEPS
 
@@ -222,17 +223,30 @@ class BiDoRAModel(keras.Model):
 
     # Compile -------------------------------------------------------------
 
-    def compile(self, optimizer="adamw", upper_optimizer=None, **kwargs):
+    def compile(
+        self, optimizer="adamw", upper_optimizer=None, sampler=None, **kwargs
+    ):
         """Configures the model for training with two optimizers.
+
+        Without a `loss`, a compiled KerasHub task's own loss and metrics
+        are used (e.g. a `CausalLM`'s cross-entropy, whose sample weights
+        mask the padding out).
 
         Args:
             optimizer: the lower level's optimizer (direction and head),
                 an instance or a name.
             upper_optimizer: the upper level's optimizer (magnitudes);
                 defaults to a copy of `optimizer`'s config.
+            sampler: for a generative task, the sampler `generate` uses
+                (a name such as `"greedy"` or a `keras_hub.samplers`
+                instance); None keeps the task's.
             **kwargs: passed to `keras.Model.compile` (`loss`, `metrics`,
                 `jit_compile`, ...).
         """
+        if sampler is not None:
+            self._set_sampler(sampler)
+        if "loss" not in kwargs:
+            kwargs = {**_task_compile_arguments(self.model), **kwargs}
         if self.method == "bidora" and not self.magnitudes:
             raise ValueError(
                 "BiDoRA trains magnitudes at its upper level, but no adapted "
@@ -269,6 +283,28 @@ class BiDoRAModel(keras.Model):
             )
         self._partition = None
         super().compile(optimizer=multi, **kwargs)
+
+    def _set_sampler(self, sampler):
+        import keras_hub
+
+        if raw_inputs.is_generative(self.model) is False:
+            raise ValueError(
+                "sampler is for a generative task (a CausalLM or "
+                f"Seq2SeqLM). Received: sampler={sampler!r} for a "
+                f"{type(self.model).__name__}"
+            )
+        self.model.sampler = keras_hub.samplers.get(sampler)
+        # The task compiles its generate function around its sampler.
+        self.model.generate_function = None
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config is not None and self.sampler is not None:
+            # KerasHub keeps the sampler out of a task's compile config; a
+            # reloaded model would generate with its class's default.
+            sampler = keras.saving.serialize_keras_object(self.sampler)
+            config = {**config, "sampler": sampler}
+        return config
 
     def compile_from_config(self, config):
         # Keras skips compiling a reloaded model whose `compile` is
@@ -334,25 +370,14 @@ class BiDoRAModel(keras.Model):
             A `keras.callbacks.History`.
         """
         callbacks = list(callbacks or [])
-        if self._phase != "bilevel":
-            self._build_optimizer()
-            return super().fit(
-                x,
-                y,
-                batch_size=batch_size,
-                epochs=epochs,
-                verbose=verbose,
-                callbacks=callbacks + [_NonFiniteLossGuard()],
-                validation_split=validation_split,
-                validation_data=validation_data,
-                shuffle=shuffle,
-                class_weight=class_weight,
-                sample_weight=sample_weight,
-                initial_epoch=initial_epoch,
-                steps_per_epoch=steps_per_epoch,
-                **kwargs,
-            )
-        _check_bilevel_fit(class_weight, steps_per_epoch)
+        # As `keras.Model.fit`: validation batches as large as training
+        # ones unless said otherwise.
+        validation_batch_size = (
+            kwargs.pop("validation_batch_size", None) or batch_size
+        )
+        validation_data = inputs.validation_batches(
+            self, validation_data, validation_batch_size
+        )
         if validation_split:
             if validation_data is not None or upper_data is not None:
                 raise ValueError(
@@ -360,37 +385,133 @@ class BiDoRAModel(keras.Model):
                     "validation_data or upper_data."
                 )
             (x, y, sample_weight), validation_data = _split_tail(
-                (x, y, sample_weight), validation_split
+                (raw_inputs.as_arrays(x), y, sample_weight), validation_split
             )
-        lower, upper = split_sources(
+            validation_data = inputs.validation_batches(
+                self, validation_data, validation_batch_size
+            )
+        if bilevel_dataset.is_dataset(validation_data):
+            validation_batch_size = None
+        if self._phase != "bilevel":
+            self._build_optimizer()
+            prepared = inputs.plain_data(
+                self, x, y, sample_weight, batch_size, shuffle
+            )
+            if prepared is not None:
+                x, y, sample_weight = prepared.data, None, None
+                batch_size = None
+                callbacks.append(_EpochSetter(prepared.epoch_setter))
+            return super().fit(
+                x,
+                y,
+                batch_size=batch_size,
+                epochs=epochs,
+                verbose=verbose,
+                callbacks=callbacks + [_NonFiniteLossGuard()],
+                validation_data=validation_data,
+                validation_batch_size=validation_batch_size,
+                shuffle=shuffle,
+                class_weight=class_weight,
+                sample_weight=sample_weight,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps_per_epoch,
+                **kwargs,
+            )
+        _check_bilevel_fit(class_weight, steps_per_epoch, x)
+        prepared = inputs.bilevel_data(
+            self,
             x,
             y,
             sample_weight,
             upper_data,
-            self.upper_fraction,
-            batch_size or config.BATCH_SIZE,
-            upper_batch_size or self.upper_batch_size,
+            batch_size,
+            upper_batch_size,
             shuffle,
-            self.seed,
         )
-        dataset = BiLevelDataset(lower, upper, self.upper_every)
-        dataset.set_epoch(initial_epoch)
-        self._build_for_training(dataset[0][0])
+        if prepared.epoch_setter is not None:
+            prepared.epoch_setter.set_epoch(initial_epoch)
+            callbacks.insert(0, _EpochSetter(prepared.epoch_setter))
+        self._build_for_training(prepared.first_batch)
         return super().fit(
-            dataset,
+            prepared.data,
             epochs=epochs,
             verbose=verbose,
-            callbacks=[_EpochSetter(dataset), _NonFiniteLossGuard()]
-            + callbacks,
+            callbacks=callbacks + [_NonFiniteLossGuard()],
             validation_data=validation_data,
-            # As `keras.Model.fit`: validation batches as large as training
-            # ones (the dataset given here carries no batch size).
-            validation_batch_size=kwargs.pop("validation_batch_size", None)
-            or batch_size,
+            validation_batch_size=validation_batch_size,
             shuffle=False,
             initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
             **kwargs,
         )
+
+    def evaluate(
+        self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs
+    ):
+        """`keras.Model.evaluate`; raw inputs go through the preprocessor."""
+        prepared = inputs.plain_data(
+            self, x, y, sample_weight, batch_size, False
+        )
+        if prepared is not None:
+            x, y, sample_weight, batch_size = prepared.data, None, None, None
+        return super().evaluate(
+            x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs
+        )
+
+    def predict(self, x, batch_size=None, **kwargs):
+        """`keras.Model.predict`; raw inputs go through the preprocessor."""
+        prepared = inputs.plain_data(self, x, None, None, batch_size, False)
+        if prepared is not None:
+            x, batch_size = prepared.data, None
+        return super().predict(x, batch_size=batch_size, **kwargs)
+
+    # The task's own methods ----------------------------------------------
+
+    @property
+    def preprocessor(self):
+        """The wrapped task's preprocessor (None for a backbone)."""
+        return raw_inputs.preprocessor_of(self.model)
+
+    @property
+    def backbone(self):
+        """The wrapped task's backbone (the model itself for a backbone)."""
+        return getattr(self.model, "backbone", self.model)
+
+    @property
+    def sampler(self):
+        """The wrapped generative task's sampler (None otherwise)."""
+        return getattr(self.model, "sampler", None)
+
+    def generate(self, inputs, max_length=None, **kwargs):
+        """The wrapped task's `generate`, with the trained adapters.
+
+        Args:
+            inputs: prompts, as the task's `generate` takes them.
+            max_length: the longest output, in tokens.
+            **kwargs: passed to the task's `generate` (`stop_token_ids`,
+                `strip_prompt`).
+
+        Returns:
+            What the task's `generate` returns (text for raw prompts).
+        """
+        generate = self._task_method("generate")
+        if keras.config.backend() == "jax" and hasattr(self, "jax_state_sync"):
+            self.jax_state_sync()
+        return generate(inputs, max_length=max_length, **kwargs)
+
+    def score(self, *args, **kwargs):
+        """The wrapped task's `score` (e.g. a `CausalLM`'s token scores)."""
+        return self._task_method("score")(*args, **kwargs)
+
+    def _task_method(self, name):
+        method = getattr(self.model, name, None)
+        if not callable(method):
+            raise AttributeError(
+                f"The wrapped model {type(self.model).__name__} has no "
+                f"`{name}` method; `{name}` needs a KerasHub task that has "
+                "one (a CausalLM or Seq2SeqLM)."
+            )
+        return method
 
     def retrain(
         self,
@@ -580,18 +701,35 @@ class BiDoRAModel(keras.Model):
         return cls(model, **injection, **config)
 
 
-def _check_bilevel_fit(class_weight, steps_per_epoch):
+def _task_compile_arguments(task):
+    """The loss and metrics a compiled KerasHub task was compiled with."""
+    if (
+        not getattr(task, "compiled", False)
+        or getattr(task, "loss", None) is None
+    ):
+        return {}
+    compiled = keras.saving.deserialize_keras_object(task.get_compile_config())
+    return {
+        key: compiled[key]
+        for key in ("loss", "metrics", "weighted_metrics")
+        if compiled.get(key) is not None
+    }
+
+
+def _check_bilevel_fit(class_weight, steps_per_epoch, x):
     if class_weight is not None:
         raise ValueError(
             "class_weight is not supported by the bi-level phase; pass "
             "sample_weight instead. Received: class_weight="
             f"{class_weight}"
         )
-    if steps_per_epoch is not None:
+    if steps_per_epoch is not None and not raw_inputs.is_tf_dataset(x):
         raise ValueError(
-            "The bi-level phase runs one pass over the lower split per "
-            "epoch; steps_per_epoch is not supported. Received: "
-            f"steps_per_epoch={steps_per_epoch}"
+            "The bi-level phase runs one pass over the lower split of "
+            "arrays or of a PyDataset per epoch; steps_per_epoch is only "
+            "for a tf.data.Dataset (a stream). Received: "
+            f"steps_per_epoch={steps_per_epoch} with x of type "
+            f"{type(x).__name__}"
         )
 
 

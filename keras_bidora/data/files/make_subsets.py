@@ -28,6 +28,12 @@ GLUE = [
     ("glue/STS-B/train.tsv", "glue/STS-B/train.tsv", 1, ("every", 3)),
     ("glue/STS-B/dev.tsv", "glue/STS-B/dev.tsv", 1, ("all",)),
 ]
+# E2E NLG (meaning representation, reference): the CLI's e2e task and the
+# causal LM example. Its rows are one line each (checked by the script).
+E2E = [
+    ("e2e_nlg/trainset.csv", "e2e_nlg/trainset.csv", 1, ("first", 400)),
+    ("e2e_nlg/devset.csv", "e2e_nlg/devset.csv", 1, ("first", 100)),
+]
 # (source, target, number of leading documents)
 CONLL = [
     ("conll2003/eng.train", "conll2003/eng.train", 40),
@@ -61,6 +67,15 @@ def make_glue(root, source, target, header, pick):
     _write(target, "".join(head + rows))
 
 
+def _check_one_line_rows(target, rows):
+    import csv
+
+    with open(os.path.join(HERE, target), encoding="utf-8", newline="") as f:
+        parsed = list(csv.reader(f))
+    if len(parsed) != rows + 1:
+        raise SystemExit(f"{target}: a row spans several lines")
+
+
 def make_conll(root, source, target, documents):
     with open(os.path.join(root, source), encoding="utf-8", newline="") as f:
         lines = f.read().splitlines(keepends=True)
@@ -84,5 +99,8 @@ if __name__ == "__main__":
     root = sys.argv[1]
     for source, target, header, pick in GLUE:
         make_glue(root, source, target, header, pick)
+    for source, target, header, pick in E2E:
+        make_glue(root, source, target, header, pick)
+        _check_one_line_rows(target, pick[1])
     for source, target, documents in CONLL:
         make_conll(root, source, target, documents)

@@ -1,0 +1,217 @@
+"""What `BiDoRAModel` feeds Keras: bi-level batches, raw inputs preprocessed.
+
+`bilevel_data` builds the bi-level phase's `(lower, upper, due)` batches
+from whatever `fit` received; `plain_data` the batches of the other phases,
+`evaluate` and `predict` when the inputs are raw (token arrays go to Keras
+untouched).
+"""
+
+import keras
+
+from keras_bidora import config
+from keras_bidora.training import raw_inputs
+from keras_bidora.training.bilevel_dataset import ArraySource
+from keras_bidora.training.bilevel_dataset import Batches
+from keras_bidora.training.bilevel_dataset import BatchSource
+from keras_bidora.training.bilevel_dataset import BiLevelDataset
+from keras_bidora.training.bilevel_dataset import check_no_labels
+from keras_bidora.training.bilevel_dataset import split_sources
+from keras_bidora.training.bilevel_dataset import stream
+
+
+class Prepared:
+    """Data for `keras.Model.fit`, a first lower batch, and its callbacks.
+
+    `epoch_setter` is the object whose `set_epoch(epoch)` must run at each
+    epoch's start (or None).
+    """
+
+    def __init__(self, data, first_batch, epoch_setter=None):
+        self.data = data
+        self.first_batch = first_batch
+        self.epoch_setter = epoch_setter
+
+
+def bilevel_data(
+    model,
+    x,
+    y,
+    sample_weight,
+    upper_data,
+    batch_size,
+    upper_batch_size,
+    shuffle,
+):
+    """The bi-level batches of `fit(x, y, sample_weight, upper_data=...)`.
+
+    Args:
+        model: the `BiDoRAModel` (its wrapped task preprocesses raw data).
+        x, y, sample_weight: `fit`'s training data.
+        upper_data: `fit`'s `upper_data`, or None.
+        batch_size: the lower batch size (of arrays, or of an unbatched
+            dataset).
+        upper_batch_size: the upper batch size, or None for `batch_size`.
+        shuffle: reshuffle arrays and `PyDataset` batches at each epoch.
+
+    Returns:
+        A `Prepared`.
+    """
+    raw = _check(model.model, x, y, upper_data)
+    x = raw_inputs.as_arrays(x)
+    batch_size = batch_size or config.BATCH_SIZE
+    upper_batch_size = upper_batch_size or model.upper_batch_size or batch_size
+    upper_data = _as_arrays_or_dataset(upper_data)
+    if raw_inputs.is_tf_dataset(x):
+        check_no_labels(y, sample_weight)
+        if upper_data is not None and not raw_inputs.is_tf_dataset(upper_data):
+            upper_data = _endless_batches(upper_data, upper_batch_size)
+        data = stream(
+            x,
+            upper_data,
+            model.upper_fraction,
+            batch_size,
+            upper_batch_size,
+            model.upper_every,
+            model.seed,
+            preprocess=raw_inputs.preprocess_function(model.model)
+            if raw
+            else None,
+        )
+        first = raw_inputs.to_numpy(next(iter(data))[0])
+        return Prepared(data, first)
+    lower, upper = split_sources(
+        x,
+        y,
+        sample_weight,
+        upper_data,
+        model.upper_fraction,
+        batch_size,
+        upper_batch_size,
+        shuffle,
+        model.seed,
+    )
+    transform = raw_inputs.batch_transform(model.model, raw)
+    data = BiLevelDataset(lower, upper, model.upper_every, transform)
+    return Prepared(data, data[0][0], epoch_setter=data)
+
+
+def plain_data(model, x, y, sample_weight, batch_size, shuffle, what="x"):
+    """Raw data as preprocessed batches; None when `x` is not raw.
+
+    Args:
+        model: the `BiDoRAModel`.
+        x, y, sample_weight: the data, as `keras.Model.fit` takes it.
+        batch_size: the batch size (arrays and unbatched datasets).
+        shuffle: reshuffle arrays (seeded) at each epoch.
+        what: the argument's name, for error messages.
+
+    Returns:
+        None, or a `Prepared` (its `first_batch` is None).
+    """
+    if not raw_inputs.is_raw(x):
+        return None
+    raw_inputs.check_task(model.model, x, y, what=what)
+    batch_size = batch_size or config.BATCH_SIZE
+    transform = raw_inputs.batch_transform(model.model, True)
+    if raw_inputs.is_tf_dataset(x):
+        check_no_labels(y, sample_weight)
+        data = raw_inputs.map_dataset(model.model, x, batch_size)
+        return Prepared(data, None)
+    if isinstance(x, keras.utils.PyDataset):
+        check_no_labels(y, sample_weight)
+        source = BatchSource(x, range(x.num_batches), shuffle, model.seed)
+    else:
+        x = raw_inputs.as_arrays(x)
+        source = ArraySource(
+            x, y, sample_weight, batch_size, shuffle, model.seed
+        )
+    batches = Batches(source, transform)
+    return Prepared(batches, None, epoch_setter=batches)
+
+
+def validation_batches(model, validation_data, batch_size):
+    """`validation_data` with raw inputs preprocessed (else unchanged)."""
+    if validation_data is None or raw_inputs.is_tf_dataset(validation_data):
+        x, y, sample_weight = validation_data, None, None
+    elif isinstance(validation_data, keras.utils.PyDataset):
+        x, y, sample_weight = validation_data, None, None
+    else:
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
+            tuple(validation_data)
+        )
+    prepared = plain_data(
+        model, x, y, sample_weight, batch_size, False, "validation_data"
+    )
+    return validation_data if prepared is None else prepared.data
+
+
+def _check(task, x, y, upper_data):
+    """Whether `x` is raw; a `ValueError` for what cannot be trained on."""
+    raw = raw_inputs.is_raw(x)
+    if raw:
+        raw_inputs.check_task(task, x, y)
+    if upper_data is None:
+        return raw
+    upper_x = _features(upper_data, packed=True)
+    x = _features(x, packed=False)
+    if raw_inputs.is_raw(upper_x) != raw or _structure(upper_x) != _structure(
+        x
+    ):
+        raise ValueError(
+            "upper_data must hold the same kind of features as x. "
+            f"Received: x with features {_describe(x)}, upper_data with "
+            f"features {_describe(upper_x)}"
+        )
+    return raw
+
+
+def _features(data, packed):
+    """The features of `x` (or, `packed`, of `(x, y, ...)`) or a dataset."""
+    if raw_inputs.is_tf_dataset(data):
+        data, packed = data.element_spec, True
+    elif isinstance(data, keras.utils.PyDataset):
+        return None
+    if packed and isinstance(data, (tuple, list)) and len(data) in (2, 3):
+        return data[0]
+    return data
+
+
+def _structure(features):
+    if features is None:
+        return None
+    return raw_inputs.map_leaves(features, lambda leaf: "leaf")
+
+
+def _describe(features):
+    if features is None:
+        return "a PyDataset's"
+    kind = "raw strings" if raw_inputs.is_raw(features) else "arrays"
+    return f"{kind} structured as {_structure(features)}"
+
+
+def _as_arrays_or_dataset(upper_data):
+    if upper_data is None or raw_inputs.is_tf_dataset(upper_data):
+        return upper_data
+    if isinstance(upper_data, (tuple, list)):
+        return tuple(raw_inputs.as_arrays(tuple(upper_data)))
+    return upper_data
+
+
+def _endless_batches(upper_data, batch_size):
+    """Arrays (or a `PyDataset`) as an endless `tf.data.Dataset` of batches."""
+    import tensorflow as tf
+
+    if isinstance(upper_data, keras.utils.PyDataset):
+        raise ValueError(
+            "When x is a tf.data.Dataset, upper_data must be a "
+            "tf.data.Dataset or arrays. Received: upper_data of type "
+            f"{type(upper_data).__name__}"
+        )
+    elements = keras.utils.pack_x_y_sample_weight(
+        *keras.utils.unpack_x_y_sample_weight(upper_data)
+    )
+    return (
+        tf.data.Dataset.from_tensor_slices(elements)
+        .repeat()
+        .batch(batch_size, drop_remainder=True)
+    )
