@@ -18,7 +18,6 @@ what it generates shows the flow, not quality. With a real preset (e.g.
 """
 
 import argparse
-import csv
 import os
 import tempfile
 
@@ -28,22 +27,9 @@ import keras  # noqa: E402
 import keras_hub  # noqa: E402
 
 import keras_bidora  # noqa: E402
+from keras_bidora.data import load_e2e  # noqa: E402
 
 MAX_LENGTH = 160  # prompt and generated tokens together
-HERE = os.path.dirname(os.path.abspath(__file__))
-E2E = os.path.join(
-    HERE, "..", "keras_bidora", "data", "files", "e2e_nlg", "trainset.csv"
-)
-
-
-def e2e_rows(limit):
-    """`{"prompts": [...], "responses": [...]}` from the shipped E2E rows."""
-    with open(E2E, encoding="utf-8", newline="") as file:
-        rows = list(csv.DictReader(file))[:limit]
-    return {
-        "prompts": [f"{row['mr']} => " for row in rows],
-        "responses": [row["ref"] for row in rows],
-    }
 
 
 def tiny_gpt2(sequence_length):
@@ -83,7 +69,7 @@ def main():
         task.preprocessor.sequence_length = MAX_LENGTH
     else:
         task = tiny_gpt2(sequence_length=MAX_LENGTH)
-    data = e2e_rows(args.rows)
+    data = load_e2e("train", limit=args.rows)
 
     # The one-line change: wrap the task (BiDoRA injects its adapters).
     model = keras_bidora.BiDoRAModel(task, rank=4)

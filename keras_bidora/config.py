@@ -90,6 +90,9 @@ DEMO_LEARNING_RATE = 2e-3
 
 # What `--task` means with your own `--train`/`--dev` files.
 FILE_TASK_KINDS = ("classification", "regression")
+# Built-in text generation tasks: a KerasHub `CausalLM` preset learns to
+# write the response to each prompt (`keras_bidora.data.load_e2e`).
+GENERATION_TASKS = ("e2e",)
 # What separates the two texts of a pair in `keras-bidora predict`.
 PAIR_SEPARATOR = "|||"
 DEMO_OUT = "keras-bidora-demo"

@@ -13,6 +13,9 @@ usual definition that GLUE and seqeval report:
 - `entity_scores`: entity-level precision, recall and F1 over IOB2 tag
   sequences, an entity counting as found only when its type and both ends
   match (CoNLL-2003, as `seqeval` in its default mode).
+- `corpus_bleu`, `rouge_l`: generated text against several references
+  (E2E NLG), computed by `sacrebleu` and `rouge-score` (the
+  `[generation]` extra; there is no NumPy fallback).
 
 With the `[metrics]` extra installed, `sklearn.metrics` computes the first
 three and `scipy.stats` the correlations; without it, NumPy versions of the
@@ -354,3 +357,93 @@ def entity_scores(true_tags, pred_tags):
         "recall": recall,
         "f1": _divide(2 * precision * recall, precision + recall),
     }
+
+
+# Generation (E2E NLG) ----------------------------------------------------
+
+GENERATION_INSTALL_HINT = 'pip install "keras-bidora[generation]"'
+
+
+def _generation_library(name):
+    module = _library(name)
+    if module is None:
+        raise ImportError(
+            f"Scoring generated text needs {name.split('.')[0]}: "
+            f"{GENERATION_INSTALL_HINT}"
+        )
+    return module
+
+
+def check_generation_libraries():
+    """Raises `ImportError` unless sacrebleu and rouge-score import."""
+    _generation_library("sacrebleu")
+    _generation_library("rouge_score.rouge_scorer")
+
+
+def _check_references(hypotheses, references):
+    if len(hypotheses) == 0 or len(hypotheses) != len(references):
+        raise ValueError(
+            "Expected as many reference lists as hypotheses, at least one. "
+            f"Received: {len(hypotheses)} hypotheses and {len(references)} "
+            "reference lists"
+        )
+    for index, refs in enumerate(references):
+        if isinstance(refs, str) or len(refs) == 0:
+            raise ValueError(
+                "Each hypothesis's references are a non-empty list of "
+                f"strings. Received at {index}: {refs!r}"
+            )
+
+
+def corpus_bleu(hypotheses, references):
+    """Corpus BLEU (0-100) by `sacrebleu`, with its default settings.
+
+    Args:
+        hypotheses: a list of generated strings.
+        references: per hypothesis, a non-empty list of reference strings
+            (E2E has several references per meaning representation).
+
+    Returns:
+        A float.
+
+    Example:
+
+    >>> from keras_bidora import metrics
+    >>> hypothesis = "the cat sat on the mat"
+    >>> round(metrics.corpus_bleu([hypothesis], [[hypothesis, "a cat"]]), 1)
+    100.0
+    """
+    _check_references(hypotheses, references)
+    sacrebleu = _generation_library("sacrebleu")
+    most = max(len(refs) for refs in references)
+    streams = [
+        [refs[i] if i < len(refs) else None for refs in references]
+        for i in range(most)
+    ]
+    return float(sacrebleu.corpus_bleu(list(hypotheses), streams).score)
+
+
+def rouge_l(hypotheses, references):
+    """Mean ROUGE-L F-measure (0-1) by `rouge-score`, best reference each.
+
+    Args:
+        hypotheses: a list of generated strings.
+        references: per hypothesis, a non-empty list of reference strings.
+
+    Returns:
+        A float.
+
+    Example:
+
+    >>> from keras_bidora import metrics
+    >>> metrics.rouge_l(["the cat sat"], [["a dog", "the cat sat"]])
+    1.0
+    """
+    _check_references(hypotheses, references)
+    rouge_scorer = _generation_library("rouge_score.rouge_scorer")
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    scores = [
+        scorer.score_multi(list(refs), hypothesis)["rougeL"].fmeasure
+        for hypothesis, refs in zip(hypotheses, references)
+    ]
+    return float(np.mean(scores))

@@ -22,6 +22,7 @@ from keras_bidora import config
 from keras_bidora import saving
 from keras_bidora.data import preprocessing
 from keras_bidora.injection import inject
+from keras_bidora.training import raw_inputs
 from keras_bidora.training.model import BiDoRAModel
 
 # The adapter-only file `FinetuneResult.save_adapter` writes: Keras's own
@@ -257,6 +258,7 @@ def finetune(
           https://arxiv.org/abs/2410.09758)
     """
     _check_arguments(method, retrain_init, loss, dropout)
+    _check_raw_inputs(method, train)
     log = log or (lambda message: None)
     if not isinstance(model, keras.Model):
         keras.utils.set_random_seed(seed)
@@ -308,7 +310,12 @@ def finetune(
             trained, model, x, y, settings, compile_kwargs, fit_kwargs, recorder
         )
     train_time = time.perf_counter() - start
-    result = _finish(model, trained, dev, batch_size, merge, score, settings)
+    # A generative task is scored by what it generates (`complete`), not
+    # by its logits over the whole dev set.
+    predicted = None if raw_inputs.is_generative(model) else dev
+    result = _finish(
+        model, trained, predicted, batch_size, merge, score, settings
+    )
     return FinetuneResult(
         method, trained, recorder, train_time, parameters, *result
     )
@@ -335,6 +342,17 @@ def _check_arguments(method, retrain_init, loss, dropout):
             "dropout is not supported by method='keras-lora' (KerasHub's "
             f"LoRA has no adapter dropout). Received: dropout={dropout}"
         )
+
+
+def _check_raw_inputs(method, train):
+    if method in config.MODEL_METHODS or not raw_inputs.is_raw(train[0]):
+        return
+    raise ValueError(
+        f"Raw text trains with method 'dora' or 'bidora' (BiDoRAModel "
+        f"applies the task's preprocessor); method={method!r} trains on "
+        "token arrays. Received: raw text with method="
+        f"{method!r}"
+    )
 
 
 @dataclasses.dataclass
@@ -524,6 +542,50 @@ def predict(model, x, batch_size=config.EVALUATION_BATCH_SIZE):
     (5, 2)
     """
     return keras.Model.predict(model, x, batch_size=batch_size, verbose=0)
+
+
+def complete(
+    model, prompts, max_length=None, batch_size=config.EVALUATION_BATCH_SIZE
+):
+    """What a generative task writes after each prompt, in batches.
+
+    Args:
+        model: a `CausalLM` (a merged task) or a `BiDoRAModel` wrapping one.
+        prompts: a list of prompt strings.
+        max_length: prompt and completion tokens together; `None` means the
+            preprocessor's `sequence_length`, as in `CausalLM.generate`.
+        batch_size: prompts per `generate` call.
+
+    Returns:
+        A list of strings: each generated text without its prompt, stripped.
+
+    Example:
+
+    >>> class Echo:  # any object with a CausalLM's `generate`
+    ...     def generate(self, prompts, max_length=None):
+    ...         return [prompt + " ok " for prompt in prompts]
+    >>> from keras_bidora import recipes
+    >>> recipes.complete(Echo(), ["a =>", "b =>"], batch_size=1)
+    ['ok', 'ok']
+    """
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start : start + batch_size])
+        texts = model.generate(batch, max_length=max_length)
+        completions += [
+            _completion(prompt, text) for prompt, text in zip(batch, texts)
+        ]
+    return completions
+
+
+def _completion(prompt, text):
+    # The detokenized prompt can differ from the prompt (characters the
+    # vocabulary lacks, normalised spaces); then cut at its last word.
+    if text.startswith(prompt):
+        return text[len(prompt) :].strip()
+    words = prompt.split()
+    marker = words[-1] if words else ""
+    return text.partition(marker)[2].strip() if marker in text else text
 
 
 # Parameter counts and recording ----------------------------------------

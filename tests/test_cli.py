@@ -78,7 +78,7 @@ def write(path, text):
 def test_help_explains_every_option(capsys):
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"train", "demo", "evaluate", "predict"}
+    assert set(commands) == {"train", "demo", "evaluate", "predict", "generate"}
     for name, command in commands.items():
         with pytest.raises(SystemExit) as exit_info:
             cli.main([name, "--help"])

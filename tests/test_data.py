@@ -9,6 +9,7 @@ from keras_bidora.data import TASKS
 from keras_bidora.data import Encoder
 from keras_bidora.data import get_task_spec
 from keras_bidora.data import iob1_to_iob2
+from keras_bidora.data import load_e2e
 from keras_bidora.data import load_files
 from keras_bidora.data import load_task
 from keras_bidora.data import read_conll
@@ -120,6 +121,29 @@ def test_load_task_errors():
         load_task("sst2", "train", limit=0)
     with pytest.raises(ValueError, match="no such file"):
         load_task("sst2", "train", data_dir="/nonexistent")
+
+
+def test_e2e_prompts_and_responses(tmp_path):
+    # Rows per split as files/README.md states them: 400 and 100.
+    for split, rows in (("train", 400), ("dev", 100)):
+        data = load_e2e(split)
+        assert len(data["prompts"]) == len(data["responses"]) == rows
+    folder = tmp_path / "e2e_nlg"
+    folder.mkdir()
+    _write(
+        folder / "devset.csv",
+        'mr,ref\n"name[Aromi], food[Chinese]","Aromi serves, Chinese food."\n',
+    )
+    data = load_e2e("dev", data_dir=str(tmp_path))
+    assert data == {
+        "prompts": ["name[Aromi], food[Chinese] => "],
+        "responses": ["Aromi serves, Chinese food."],
+    }
+    _write(folder / "trainset.csv", "meaning,text\na,b\n")
+    with pytest.raises(ValueError, match="'mr' and 'ref'.*'meaning'"):
+        load_e2e("train", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="split"):
+        load_e2e("test")
 
 
 # Users' files -----------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 
 from keras_bidora import BiDoRAModel
 from keras_bidora import merge
+from keras_bidora.data import load_e2e
 from keras_bidora.training import raw_inputs
 from tests.test_case import TestCase
 from tests.test_case import to_numpy
@@ -81,7 +82,7 @@ def gpt2_tokenizer():
     )
 
 
-def causal_lm(sequence_length=16):
+def causal_lm(sequence_length=16, max_sequence_length=32, dropout=0.1):
     tokenizer = gpt2_tokenizer()
     preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
         tokenizer, sequence_length=sequence_length
@@ -92,10 +93,66 @@ def causal_lm(sequence_length=16):
         num_heads=2,
         hidden_dim=16,
         intermediate_dim=32,
-        max_sequence_length=32,
+        max_sequence_length=max_sequence_length,
+        dropout=dropout,
     )
     _spread_embeddings(backbone)
     return keras_hub.models.GPT2CausalLM(backbone, preprocessor=preprocessor)
+
+
+def sentence_piece_proto(texts, pad, start, end):
+    """A small SentencePiece model trained in memory (no downloads)."""
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=300,
+        model_type="bpe",
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        pad_piece=pad,
+        unk_piece="<unk>",
+        bos_piece=start,
+        eos_piece=end,
+        minloglevel=3,
+    )
+    return model.getvalue()
+
+
+# Per family: the tokenizer's pad, start and end pieces, and the classes.
+SENTENCE_PIECE_FAMILIES = {
+    "gemma": (("<pad>", "<bos>", "<eos>"), {"head_dim": 8}),
+    "llama": (("<pad>", "<s>", "</s>"), {}),
+}
+
+
+def sentence_piece_causal_lm(family, texts, sequence_length):
+    """A tiny random Gemma or Llama `CausalLM` with its preprocessor."""
+    pieces, backbone_kwargs = SENTENCE_PIECE_FAMILIES[family]
+    name = family.capitalize()
+    tokenizer = getattr(keras_hub.models, f"{name}Tokenizer")(
+        sentence_piece_proto(texts, *pieces)
+    )
+    backbone = getattr(keras_hub.models, f"{name}Backbone")(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+        **backbone_kwargs,
+    )
+    preprocessor = getattr(keras_hub.models, f"{name}CausalLMPreprocessor")(
+        tokenizer, sequence_length=sequence_length
+    )
+    causal_lm_class = getattr(keras_hub.models, f"{name}CausalLM")
+    return causal_lm_class(backbone, preprocessor=preprocessor)
 
 
 def masked_cross_entropy(logits, y, sample_weight):
@@ -186,6 +243,49 @@ class ClassifierFlowTest(TestCase):
         for before, after in zip(magnitudes, self.model.magnitudes):
             self.assertAllClose(before, to_numpy(after), atol=0)
 
+    def test_merged_task_saves_with_its_preprocessor(self):
+        self.model.fit(self.texts, self.labels, batch_size=8, verbose=0)
+        expected = self.model.predict(self.texts[:6], verbose=0)
+        path = os.path.join(self.get_temp_dir(), "merged.keras")
+        merge(self.model).save(path)
+        served = keras.saving.load_model(path)  # keras_hub imported only
+        self.assertIsInstance(served, keras_hub.models.BertTextClassifier)
+        self.assertIsNotNone(served.preprocessor)
+        self.assertAllClose(
+            served.predict(self.texts[:6], verbose=0), expected, atol=1e-5
+        )
+
+    def test_merged_task_exports_for_serving(self):
+        if keras.config.backend() not in ("tensorflow", "jax"):
+            self.skipTest("tf_saved_model export needs tensorflow or jax")
+        import tensorflow as tf
+
+        self.model.fit(self.texts, self.labels, batch_size=8, verbose=0)
+        tokens = {
+            name: np.asarray(value).astype("int32")
+            for name, value in self.task.preprocessor(self.texts[:6]).items()
+        }
+        # On JAX, export needs a fixed sequence length (a dynamic one
+        # fails in KerasHub's PositionEmbedding).
+        signature = {
+            name: keras.InputSpec(shape=(None, 8), dtype="int32")
+            for name in tokens
+        }
+        directory = os.path.join(self.get_temp_dir(), "served")
+        merge(self.model).export(
+            directory,
+            format="tf_saved_model",
+            input_signature=[signature],
+            verbose=False,
+        )
+        served = tf.saved_model.load(directory)
+        outputs = served.serve({k: tf.constant(v) for k, v in tokens.items()})
+        self.assertAllClose(
+            np.asarray(outputs),
+            self.model.predict(self.texts[:6], verbose=0),
+            atol=1e-5,
+        )
+
     def test_raw_text_without_preprocessor_is_refused_unchanged(self):
         task = classifier()
         task.preprocessor = None
@@ -256,6 +356,44 @@ class CausalLMFlowTest(TestCase):
             expected[prompt_tokens : total + 1] = 1
             self.assertAllClose(weights[row], expected, atol=0)
 
+    def test_both_levels_weigh_the_responses_only(self):
+        # No dropout: the training step's loss is then the model's.
+        task = causal_lm(dropout=0.0)
+        model = BiDoRAModel(task, rank=2, direction_regularization=0)
+        model.compile(optimizer=keras.optimizers.Adam(3e-2))
+        lower = {"prompts": ["the cat ", "a dog "], "responses": ["sat", "ran"]}
+        upper = {
+            "prompts": ["fish ", "the bird "],
+            "responses": ["swim", "sang"],
+        }
+        # The references, before the step changes anything: the task's
+        # logits and a NumPy cross-entropy over the response tokens only,
+        # the weights taken from the tokenizer's own token counts.
+        tokenizer = model.model.preprocessor.tokenizer
+        expected = []
+        for data in (lower, upper):
+            x, y, _ = model.model.preprocessor(
+                [p + r for p, r in zip(*data.values())]
+            )
+            weights = np.zeros(y.shape, "float32")
+            for row, (prompt, response) in enumerate(zip(*data.values())):
+                start = len(to_numpy(tokenizer(prompt)))
+                end = len(to_numpy(tokenizer(prompt + response))) + 1
+                weights[row, start:end] = 1
+            logits = to_numpy(model.model(x))
+            expected.append(masked_cross_entropy(logits, to_numpy(y), weights))
+        logs = _StepLogger()
+        model.fit(
+            lower,
+            upper_data=upper,
+            batch_size=2,
+            callbacks=[logs],
+            verbose=0,
+        )
+        self.assertLen(logs.losses, 1)
+        self.assertAllClose(logs.losses[0], expected[0], atol=1e-5)
+        self.assertAllClose(logs.upper_losses[0], expected[1], atol=1e-5)
+
     def test_generate_save_reload_merge(self):
         self.model.fit(self.texts, batch_size=4, epochs=2, verbose=0)
         prompt = ["the"]
@@ -286,6 +424,48 @@ class CausalLMFlowTest(TestCase):
         model = BiDoRAModel(classifier(), rank=2)
         with self.assertRaisesRegex(AttributeError, "BertTextClassifier"):
             model.generate(["a"])
+
+
+class CausalLMFamiliesTest(TestCase):
+    """Gemma- and Llama-shaped causal LMs fine-tuned on E2E prompts."""
+
+    def check_family(self, family):
+        keras.utils.set_random_seed(0)
+        data = load_e2e("train", limit=16)
+        texts = data["prompts"] + data["responses"]
+        task = sentence_piece_causal_lm(family, texts, sequence_length=64)
+        model = BiDoRAModel(task, rank=2)
+        model.compile(optimizer=keras.optimizers.Adam(2e-2), sampler="greedy")
+        self.assertGreater(len(model.adapted_layers), 0)
+        before = model.evaluate(data, batch_size=8, verbose=0)
+        model.fit(data, batch_size=4, epochs=3, verbose=0)
+        after = model.evaluate(data, batch_size=8, verbose=0)
+        self.assertLess(after[0], before[0])
+        # The response tokens' loss is the task's own cross-entropy on the
+        # preprocessed prompt + response, with the prompt masked.
+        x, y, weights = raw_inputs.batch_transform(task, raw=True)((data,))
+        logits = to_numpy(task(x))
+        expected = masked_cross_entropy(
+            logits, to_numpy(y), to_numpy(weights).astype("float32")
+        )
+        self.assertAllClose(after[0], expected, atol=1e-4)
+
+        prompt = data["prompts"][0]
+        kwargs = {"max_length": 48, "stop_token_ids": None}
+        generated = model.generate(prompt, **kwargs)
+        path = os.path.join(self.get_temp_dir(), "lm.keras")
+        model.save(path)
+        restored = keras.saving.load_model(path)
+        self.assertEqual(restored.generate(prompt, **kwargs), generated)
+        merged = merge(model)
+        self.assertIsInstance(merged, type(task))
+        self.assertEqual(merged.generate(prompt, **kwargs), generated)
+
+    def test_gemma(self):
+        self.check_family("gemma")
+
+    def test_llama(self):
+        self.check_family("llama")
 
 
 class StreamTest(TestCase):
@@ -341,9 +521,11 @@ class _StepLogger(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
         self.losses = []
+        self.upper_losses = []
 
     def on_train_batch_end(self, batch, logs=None):
         self.losses.append(float(to_numpy(logs["loss"])))
+        self.upper_losses.append(float(to_numpy(logs.get("upper_loss", 0))))
 
 
 class _RawPyDataset(keras.utils.PyDataset):

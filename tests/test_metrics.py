@@ -406,3 +406,64 @@ def test_entity_errors():
         metrics.entity_scores([["O"]], [["O", "O"]])
     with pytest.raises(ValueError, match="same number of sentences"):
         metrics.entity_scores([["O"]], [])
+
+
+# Generation -------------------------------------------------------------
+
+
+def _lcs(a, b):
+    table = np.zeros((len(a) + 1, len(b) + 1), int)
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1, j + 1] = (
+                table[i, j] + 1
+                if x == y
+                else max(table[i, j + 1], table[i + 1, j])
+            )
+    return table[-1, -1]
+
+
+def _rouge_l_by_hand(hypothesis, reference):
+    h, r = hypothesis.lower().split(), reference.lower().split()
+    lcs = _lcs(h, r)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(h), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def test_generation_scores_by_hand():
+    pytest.importorskip("sacrebleu")
+    pytest.importorskip("rouge_score")
+    hypotheses = ["the cat sat on the mat today", "a dog ran in the park"]
+    references = [
+        ["the cat sat on the mat"],
+        ["a dog ran in a park", "the dog ran in the big park"],
+    ]
+    # BLEU: clipped n-gram precisions over the corpus, the closest
+    # reference length, no brevity penalty (hypotheses are as long).
+    # Pair 2 matches an n-gram from either reference ("in the" the
+    # second's, "a dog" the first's; "the park" neither's).
+    matches = np.array([6 + 6, 5 + 4, 4 + 3, 3 + 2])
+    totals = np.array([7 + 6, 6 + 5, 5 + 4, 4 + 3])
+    expected = 100 * np.exp(np.mean(np.log(matches / totals)))
+    assert metrics.corpus_bleu(hypotheses, references) == pytest.approx(
+        expected, rel=1e-6
+    )
+    # ROUGE-L: the best reference's LCS F-measure, averaged.
+    expected = np.mean(
+        [
+            max(_rouge_l_by_hand(h, r) for r in refs)
+            for h, refs in zip(hypotheses, references)
+        ]
+    )
+    assert metrics.rouge_l(hypotheses, references) == pytest.approx(expected)
+
+
+def test_generation_score_errors():
+    with pytest.raises(ValueError, match="1 hypotheses and 2 reference"):
+        metrics.corpus_bleu(["a"], [["a"], ["b"]])
+    with pytest.raises(ValueError, match="Received at 0: 'a b'"):
+        metrics.rouge_l(["a"], ["a b"])
+    with pytest.raises(ValueError, match="Received at 1: \\[\\]"):
+        metrics.rouge_l(["a", "b"], [["a"], []])

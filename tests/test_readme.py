@@ -39,9 +39,10 @@ def run_example(code, cwd):
 
 class ReadmeTest(TestCase):
     def test_examples_are_found(self):
-        # The layer, "Adapt a KerasHub model", "Train with BiDoRA" and
-        # "Fine-tune with the recipe".
-        self.assertLen(readme_examples(), 4)
+        # "Fine-tune a KerasHub task" (classifier, causal LM), the layer,
+        # "Adapt a KerasHub model", "Train with BiDoRA" and "Fine-tune
+        # with the recipe".
+        self.assertLen(readme_examples(), 6)
 
     @pytest.mark.large
     def test_examples_run(self):

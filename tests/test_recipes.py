@@ -230,6 +230,12 @@ class FinetuneTest(TestCase):
         for kwargs, message in cases:
             with self.assertRaisesRegex(ValueError, message):
                 finetune(task, **kwargs)
+        texts, labels = ["a good film", "a bad film"], np.array([1, 0])
+        for method in ("lora", "keras-lora"):
+            with self.assertRaisesRegex(ValueError, f"method={method!r}"):
+                recipes.finetune(
+                    task, (texts, labels), method=method, loss="mse"
+                )
 
 
 class PrepareTest(TestCase):

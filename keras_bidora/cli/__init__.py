@@ -1,4 +1,4 @@
-"""The `keras-bidora` command: train, demo, evaluate and predict.
+"""The `keras-bidora` command: train, demo, evaluate, predict and generate.
 
 A thin client of the library: `parser` builds the flags from
 `keras_bidora.config`, `commands` checks the input, applies `--backend` and

@@ -15,6 +15,8 @@ import warnings
 
 import numpy as np
 
+from keras_bidora import config
+from keras_bidora.cli import generation
 from keras_bidora.cli import inputs
 from keras_bidora.cli import outputs
 from keras_bidora.cli.parser import UsageError
@@ -113,28 +115,11 @@ def train_method(
             (prepared.x_train, prepared.y_train),
             (prepared.x_dev, prepared.y_dev),
             method,
-            rank=args.rank,
-            alpha=args.alpha,
-            targets=args.targets,
-            dropout=args.dropout,
-            hypergradient=args.hypergradient,
-            upper_fraction=args.upper_fraction,
-            upper_every=args.upper_every,
-            direction_regularization=args.direction_regularization,
-            epochs=args.epochs,
-            retrain_epochs=args.retrain_epochs,
-            retrain_init=args.retrain_init,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            upper_learning_rate=args.upper_lr,
-            weight_decay=args.weight_decay,
-            seed=args.seed,
-            validation=not args.no_validation,
             merge=merge,
             score=score,
-            verbose=args.verbose,
             callbacks=callbacks,
             log=log,
+            **inputs.recipe_settings(args),
             **recipes.compile_arguments(spec),
         )
     except ValueError as error:
@@ -150,6 +135,8 @@ def train_method(
 
 
 def run_train(args):
+    if args.task in config.GENERATION_TASKS:
+        return generation.run_train(args)
     inputs.check_method(args.method)
     outputs.check_out(args.out, args.overwrite)
     inputs.check_retrain_epochs(args.retrain_epochs)
@@ -391,4 +378,5 @@ COMMANDS = {
     "demo": run_demo,
     "evaluate": run_evaluate,
     "predict": run_predict,
+    "generate": generation.run_generate,
 }

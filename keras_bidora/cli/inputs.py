@@ -160,7 +160,7 @@ def read_model_info(model_path):
     info_path = os.path.join(os.path.dirname(model_path), MODEL_INFO_FILE)
     try:
         with open(info_path, encoding="utf-8") as f:
-            return json.load(f)
+            info = json.load(f)
     except OSError:
         raise UsageError(
             f"{info_path} is missing: evaluate and predict need the "
@@ -169,3 +169,34 @@ def read_model_info(model_path):
         )
     except ValueError as error:
         raise UsageError(f"{info_path} is not valid JSON ({error})")
+    if info.get("task", {}).get("kind") == "generation":
+        raise UsageError(
+            f"{model_path} generates text (task "
+            f"{info['task'].get('name')!r}): use `keras-bidora generate "
+            f"--model {model_path} PROMPT`"
+        )
+    return info
+
+
+def recipe_settings(args):
+    """`recipes.finetune`'s settings from the training flags."""
+    return dict(
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=args.targets,
+        dropout=args.dropout,
+        hypergradient=args.hypergradient,
+        upper_fraction=args.upper_fraction,
+        upper_every=args.upper_every,
+        direction_regularization=args.direction_regularization,
+        epochs=args.epochs,
+        retrain_epochs=args.retrain_epochs,
+        retrain_init=args.retrain_init,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        upper_learning_rate=args.upper_lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        validation=not args.no_validation,
+        verbose=args.verbose,
+    )

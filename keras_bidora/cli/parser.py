@@ -332,7 +332,12 @@ def _add_train_command(commands):
         "need), DIR/metrics.json (dev metrics, losses per epoch, wall time, "
         "steps, parameter counts, arguments, versions) and DIR/training.png "
         "(training curves).",
-        epilog=f"Tasks: {_task_help()}. With --train/--dev, --task is "
+        epilog=f"Tasks: {_task_help()}; e2e: E2E NLG, a KerasHub CausalLM "
+        "--preset (dora or bidora) writes restaurant descriptions from "
+        "meaning representations, the prompts masked out of the loss, "
+        "scored by corpus BLEU and ROUGE-L of its greedy completions "
+        "(writes model.keras, metrics.json and generations.jsonl). "
+        "With --train/--dev, --task is "
         "classification (accuracy, macro F1; the default) or regression "
         "(Pearson, Spearman). Methods: lora = low-rank adapters without "
         "magnitude (BiDoRADense with magnitude=False), keras-lora = "
@@ -343,7 +348,9 @@ def _add_train_command(commands):
     train.add_argument(
         "--task",
         metavar="TASK",
-        help="a built-in task (" + ", ".join(task_spec_lib.TASKS) + ") or, "
+        help="a built-in task ("
+        + ", ".join((*task_spec_lib.TASKS, *config.GENERATION_TASKS))
+        + ") or, "
         f"with --train/--dev, {' or '.join(config.FILE_TASK_KINDS)}",
     )
     _add_user_data(train)
@@ -464,6 +471,31 @@ def _add_predict_command(commands):
     _add_backend(predict)
 
 
+def _add_generate_command(commands):
+    generate = commands.add_parser(
+        "generate",
+        help="complete prompts with a saved causal LM",
+        description="Print what a saved CausalLM (e.g. DIR/model.keras of "
+        "train --task e2e) writes after each prompt, greedily unless the "
+        "model was saved with another sampler; one completion per line.",
+    )
+    generate.add_argument(
+        "--model", required=True, metavar="FILE", help="DIR/model.keras"
+    )
+    generate.add_argument("prompts", nargs="+", metavar="PROMPT")
+    generate.add_argument(
+        "--max-length",
+        type=_positive_int,
+        help="prompt and completion tokens together (default: the "
+        "preprocessor's sequence length)",
+    )
+    generate.add_argument(
+        "--json", action="store_true", help="print one JSON list instead"
+    )
+    _add_evaluation_batch_size(generate)
+    _add_backend(generate)
+
+
 def _add_evaluation_batch_size(parser):
     parser.add_argument(
         "--batch-size",
@@ -489,4 +521,5 @@ def build_parser():
     _add_demo_command(commands)
     _add_evaluate_command(commands)
     _add_predict_command(commands)
+    _add_generate_command(commands)
     return parser

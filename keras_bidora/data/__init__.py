@@ -1,9 +1,11 @@
-"""Task data: the shipped GLUE and CoNLL-2003 subsets, users' files, and
-their tokenization with KerasHub. See `files/README.md` for provenance."""
+"""Task data: the shipped GLUE, CoNLL-2003 and E2E NLG subsets, users'
+files, and their tokenization with KerasHub. See `files/README.md` for
+provenance."""
 
 from keras_bidora.data.loaders import FILES_DIR
 from keras_bidora.data.loaders import TaskData
 from keras_bidora.data.loaders import iob1_to_iob2
+from keras_bidora.data.loaders import load_e2e
 from keras_bidora.data.loaders import load_files
 from keras_bidora.data.loaders import load_task
 from keras_bidora.data.loaders import read_conll
@@ -28,6 +30,7 @@ __all__ = [
     "default_preset",
     "get_task_spec",
     "iob1_to_iob2",
+    "load_e2e",
     "load_files",
     "load_task",
     "read_conll",

@@ -1,4 +1,4 @@
-"""Reads the shipped GLUE and CoNLL-2003 files and users' own files.
+"""Reads the shipped GLUE, CoNLL-2003 and E2E NLG files and users' files.
 
 Nothing here imports Keras: loading and checking data is fast, so a bad
 file is reported before any model is built.
@@ -35,6 +35,9 @@ _GLUE = {
     "stsb": ("STS-B", 1, ("sentence1", "sentence2"), "score", None),
 }
 _CONLL_FILES = {"train": "eng.train", "dev": "eng.testa"}
+_E2E_FILES = {"train": "trainset.csv", "dev": "devset.csv"}
+# How an E2E meaning representation becomes a causal LM's prompt.
+E2E_PROMPT = "{mr} => "
 
 
 @dataclasses.dataclass
@@ -139,6 +142,50 @@ def load_task(name, split, limit=None, data_dir=None):
     labels = _encode_labels(raw, raw_labels, path)
     texts = tuple(texts) if spec.pair else texts[0]
     return TaskData(texts, labels, spec, path)
+
+
+def load_e2e(split, limit=None, data_dir=None):
+    """Loads a split of E2E NLG as prompt/response strings.
+
+    Each row's meaning representation becomes the prompt (`E2E_PROMPT`,
+    e.g. `"name[Alimentum], area[city centre] => "`) and its reference
+    text the response, the form `BiDoRAModel.fit` takes for a `CausalLM`
+    (the prompt's tokens are then masked out of the loss). The shipped
+    files are small subsets (see `files/README.md`); `data_dir` reads full
+    copies laid out the same way (`e2e_nlg/trainset.csv`,
+    `e2e_nlg/devset.csv`).
+
+    Args:
+        split: `"train"` or `"dev"`.
+        limit: keep only the first `limit` rows.
+        data_dir: a folder to read instead of the shipped files.
+
+    Returns:
+        A dict `{"prompts": [...], "responses": [...]}` of strings.
+
+    Example:
+
+    >>> from keras_bidora.data import load_e2e
+    >>> data = load_e2e("dev", limit=2)
+    >>> len(data["prompts"]), data["prompts"][0].endswith(" => ")
+    (2, True)
+    """
+    _check_split(split)
+    _check_limit(limit)
+    root = FILES_DIR if data_dir is None else data_dir
+    path = os.path.join(root, "e2e_nlg", _E2E_FILES[split])
+    _check_file(path)
+    with open(path, encoding="utf-8", newline="") as file:
+        rows = list(csv.DictReader(file))[:limit]
+    if rows and not {"mr", "ref"} <= set(rows[0]):
+        raise ValueError(
+            f"{path}: expected the columns 'mr' and 'ref'. Received: "
+            f"{sorted(rows[0])}"
+        )
+    return {
+        "prompts": [E2E_PROMPT.format(mr=row["mr"]) for row in rows],
+        "responses": [row["ref"] for row in rows],
+    }
 
 
 def glue_path(name, split, data_dir=None):

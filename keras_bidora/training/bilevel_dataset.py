@@ -260,13 +260,15 @@ def upper_source(upper_data, batch_size, shuffle, seed):
             raise ValueError("upper_data is an empty dataset.")
         return BatchSource(upper_data, range(count), shuffle, seed)
     if not isinstance(upper_data, (tuple, list)) or len(upper_data) not in (
+        1,
         2,
         3,
     ):
         raise ValueError(
-            "upper_data must be a tuple (x, y) or (x, y, sample_weight), a "
-            "tf.data.Dataset or a keras.utils.PyDataset. Received: "
-            f"upper_data of type {type(upper_data).__name__}"
+            "upper_data must be a tuple (x, y) or (x, y, sample_weight) (a "
+            "causal LM's: its x alone), a tf.data.Dataset or a "
+            "keras.utils.PyDataset. Received: upper_data of type "
+            f"{type(upper_data).__name__}"
         )
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
         tuple(upper_data)

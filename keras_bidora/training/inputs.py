@@ -56,6 +56,7 @@ def bilevel_data(
     Returns:
         A `Prepared`.
     """
+    upper_data = _packed_upper_data(model.model, upper_data)
     raw = _check(model.model, x, y, upper_data)
     x = raw_inputs.as_arrays(x)
     batch_size = batch_size or config.BATCH_SIZE
@@ -145,6 +146,18 @@ def validation_batches(model, validation_data, batch_size):
     return validation_data if prepared is None else prepared.data
 
 
+def _packed_upper_data(task, upper_data):
+    """`upper_data` as `(x, ...)`: a generative task's is often x alone."""
+    if (
+        raw_inputs.is_generative(task)
+        and upper_data is not None
+        and not isinstance(upper_data, (tuple, keras.utils.PyDataset))
+        and not raw_inputs.is_tf_dataset(upper_data)
+    ):
+        return (upper_data,)
+    return upper_data
+
+
 def _check(task, x, y, upper_data):
     """Whether `x` is raw; a `ValueError` for what cannot be trained on."""
     raw = raw_inputs.is_raw(x)
@@ -171,7 +184,7 @@ def _features(data, packed):
         data, packed = data.element_spec, True
     elif isinstance(data, keras.utils.PyDataset):
         return None
-    if packed and isinstance(data, (tuple, list)) and len(data) in (2, 3):
+    if packed and isinstance(data, (tuple, list)) and len(data) in (1, 2, 3):
         return data[0]
     return data
 
