@@ -139,6 +139,49 @@ def retrack_torch_variables(layer):
         layer._track_variables()
 
 
+# Quantization --------------------------------------------------------------
+
+
+def dequantized_kernel(layer, dtype):
+    """The float kernel of an int8 or int4 `Dense`/`EinsumDense`, in `dtype`.
+
+    Keras stores a quantized kernel `W0` as integers `q` and a
+    `kernel_scale`, and dequantizes it as its own LoRA merge does
+    (`_get_kernel_with_merged_lora` in keras/src/layers/core/dense.py and
+    einsum_dense.py): int8 and per-channel int4 as `q / kernel_scale`,
+    sub-channel int4 (a block size) as `(q - kernel_zero) * kernel_scale`
+    per group of rows, `g_idx` naming each row's group. The public `kernel`
+    property gives `q` unpacked, in the kernel's shape; an int4
+    `EinsumDense` quantizes it as a `(rows, columns)` matrix with one
+    scale per column, and an int8 `EinsumDense` keeps its scale in a layout
+    that `_adjust_scale_for_dequant` turns back into the kernel's.
+
+    Args:
+        layer: a built `Dense` or `EinsumDense` quantized to int8 or int4.
+        dtype: the float dtype to return.
+
+    Returns:
+        A tensor of the float kernel's shape.
+    """
+    values = keras.ops.cast(layer.kernel, dtype)
+    scale = keras.ops.cast(layer.kernel_scale, dtype)
+    shape = tuple(values.shape)
+    if layer.quantization_mode == "int8":
+        if isinstance(layer, keras.layers.EinsumDense):
+            scale = layer._adjust_scale_for_dequant(scale)
+        return values / scale
+    # int4: one column per entry of the scale's last axis.
+    values = keras.ops.reshape(values, (-1, scale.shape[-1]))
+    if getattr(layer, "_int4_block_size", None) in (None, -1):
+        return keras.ops.reshape(values / scale, shape)
+    groups = keras.ops.cast(layer.g_idx, "int32")
+    zero = keras.ops.cast(layer.kernel_zero, dtype)
+    values = (values - keras.ops.take(zero, groups, axis=0)) * keras.ops.take(
+        scale, groups, axis=0
+    )
+    return keras.ops.reshape(values, shape)
+
+
 # Distribution --------------------------------------------------------------
 
 

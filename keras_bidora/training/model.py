@@ -10,6 +10,7 @@ from keras_bidora import _keras_compat
 from keras_bidora import config
 from keras_bidora.distribution import distribute_adapters
 from keras_bidora.layers.bidora_dense import adapted_layers
+from keras_bidora.layers.bidora_dense import check_quantization_mode
 from keras_bidora.training import hypergradients
 from keras_bidora.training.bilevel_dataset import BiLevelDataset
 from keras_bidora.training.bilevel_dataset import split_sources
@@ -219,6 +220,25 @@ class BiDoRAModel(keras.Model):
             for layer in self.adapted_layers
             if layer.magnitude is not None
         ]
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantizes the wrapped model's frozen layers (`keras.Model`'s).
+
+        Only the modes of `keras_bidora.config.QUANTIZATION_MODES` (int8,
+        int4) are accepted, before anything is quantized. Each adapted
+        layer's base kernel is quantized and dequantized inside its call;
+        the adapters stay float and trainable, and the magnitudes keep
+        their values (at injection, the float kernel's column norms).
+
+        Args:
+            mode: `"int8"` or `"int4"`; may be left to `config`.
+            config: a `keras.quantizers.QuantizationConfig`.
+            filters: which layers to quantize, as `keras.Model.quantize`.
+            **kwargs: passed to `keras.Model.quantize`.
+        """
+        requested = mode if mode is not None else getattr(config, "mode", None)
+        check_quantization_mode(requested, f"mode={requested!r}")
+        super().quantize(mode, config=config, filters=filters, **kwargs)
 
     # Compile -------------------------------------------------------------
 
@@ -548,11 +568,15 @@ class BiDoRAModel(keras.Model):
 
     def get_config(self):
         from keras_bidora.injection import injection_config
+        from keras_bidora.injection import quantized_layers
 
         return {
             "name": self.name,
             "trainable": self.trainable,
             "model": injection_config(self.model),
+            # Layers quantized after the injection are not quantized in the
+            # model's config.
+            "quantization": quantized_layers(self.model),
             "upper_fraction": self.upper_fraction,
             "hypergradient": self.hypergradient,
             "upper_every": self.upper_every,
@@ -566,9 +590,11 @@ class BiDoRAModel(keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         from keras_bidora.injection import inject
+        from keras_bidora.injection import quantize_layers
 
         config = dict(config)
         injection = dict(config.pop("model"))
+        quantization = config.pop("quantization", {})
         if injection.get("alpha", 0) is None:
             # Files saved before `alpha` was resolved at injection stored
             # None, which then meant `alpha = rank`.
@@ -576,6 +602,7 @@ class BiDoRAModel(keras.Model):
         model = keras.saving.deserialize_keras_object(
             injection.pop("model"), custom_objects=custom_objects
         )
+        quantize_layers(model, quantization)
         inject(model, **injection)
         return cls(model, **injection, **config)
 
