@@ -39,9 +39,9 @@ def run_example(code, cwd):
 
 class ReadmeTest(TestCase):
     def test_examples_are_found(self):
-        # The layer, "Adapt a KerasHub model", "Train with BiDoRA" and
-        # "Fine-tune with the recipe".
-        self.assertLen(readme_examples(), 4)
+        # The layer, "Adapt a KerasHub model", "Train with BiDoRA",
+        # "Fine-tune with the recipe" and "Fine-tune a quantized model".
+        self.assertLen(readme_examples(), 5)
 
     @pytest.mark.large
     def test_examples_run(self):
