@@ -286,6 +286,7 @@ def check():
     _check_layers(model, dense, outputs, backend)
     _check_trainer(model, backend)
     _check_optimizers()
+    _check_quantization()
 
 
 def _check_layers(model, dense, outputs, backend):
@@ -392,6 +393,37 @@ def _check_optimizers():
         "to keep the learning rate when resetting an optimizer's state",
         keras.Variable,
     )
+
+
+def _check_quantization():
+    purpose = "to dequantize an int8 or int4 kernel inside BiDoRADense"
+    einsum = keras.layers.EinsumDense(
+        "ab,bc->ac", (4,), name="bidora_check_einsum"
+    )
+    dense = keras.layers.Dense(4, name="bidora_check_int4")
+    for layer, mode in ((einsum, "int8"), (dense, "int4")):
+        layer.build((None, 3))
+        kernel = keras.ops.convert_to_tensor(layer.kernel)
+        layer.quantize(mode)
+        if mode == "int4":
+            _require(layer, "Dense._int4_block_size", purpose)
+        else:
+            _require(
+                layer,
+                "EinsumDense._adjust_scale_for_dequant",
+                purpose,
+                callable,
+            )
+        error = keras.ops.max(
+            keras.ops.abs(dequantized_kernel(layer, "float32") - kernel)
+        )
+        # int4 keeps 16 levels: a step is at most 1/7 of the largest value.
+        if float(error) > float(keras.ops.max(keras.ops.abs(kernel))) / 7:
+            raise _changed(
+                f"{type(layer).__name__}.kernel_scale",
+                purpose,
+                f"dequantizing a {mode} kernel no longer gives it back",
+            )
 
 
 def _check_parent_path():
