@@ -222,7 +222,7 @@ class BiDoRAModel(keras.Model):
         ]
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
-        """Quantizes the wrapped model's frozen layers (`keras.Model`'s).
+        """Quantizes the wrapped model's frozen layers, as `keras.Model`'s.
 
         Only the modes of `keras_bidora.config.QUANTIZATION_MODES` (int8,
         int4) are accepted, before anything is quantized. Each adapted
@@ -234,10 +234,14 @@ class BiDoRAModel(keras.Model):
             mode: `"int8"` or `"int4"`; may be left to `config`.
             config: a `keras.quantizers.QuantizationConfig`.
             filters: which layers to quantize, as `keras.Model.quantize`.
+                Defaults to the frozen layers, so that a task's head keeps
+                training in float.
             **kwargs: passed to `keras.Model.quantize`.
         """
         requested = mode if mode is not None else getattr(config, "mode", None)
         check_quantization_mode(requested, f"mode={requested!r}")
+        if filters is None:
+            filters = _is_frozen
         super().quantize(mode, config=config, filters=filters, **kwargs)
 
     # Compile -------------------------------------------------------------
@@ -605,6 +609,10 @@ class BiDoRAModel(keras.Model):
         quantize_layers(model, quantization)
         inject(model, **injection)
         return cls(model, **injection, **config)
+
+
+def _is_frozen(layer):
+    return not layer.trainable
 
 
 def _check_bilevel_fit(class_weight, steps_per_epoch):
