@@ -488,25 +488,13 @@ def _finish(model, trained, dev, batch_size, merge, score, settings):
         if settings.method == "keras-lora":
             merged = _merge_keras_lora(model)
         else:
-            merged = _merge(trained)
+            merged = saving.merge(trained)
         if dev is not None:
             merged_outputs = np.asarray(predict(merged, dev[0], batch_size))
             difference = float(np.max(np.abs(merged_outputs - outputs)))
             outputs = merged_outputs
     metrics = score(outputs) if score is not None else None
     return merged, outputs, metrics, difference, save_adapter
-
-
-def _merge(trained):
-    merged = saving.merge(trained)
-    if keras.config.backend() == "jax":
-        # `saving.merge` gives the copy the trained model's own JAX arrays
-        # for every weight it does not merge, and `keras.Model.predict`
-        # donates its model's arrays: without copies, predicting with one
-        # model deletes the other's weights.
-        for variable in merged.weights:
-            variable.assign(keras.ops.copy(variable.value))
-    return merged
 
 
 def predict(model, x, batch_size=config.EVALUATION_BATCH_SIZE):
