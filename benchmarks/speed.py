@@ -8,11 +8,13 @@ step to finish) and times it. `step_s` is the median over the timed steps
 after the warm-up steps (compilation included there); for a BiDoRA row with
 `upper_every=k`, warm-up and timed steps are whole cycles of `k` steps and
 `step_s` is the median cycle's time divided by `k`, so that it includes the
-upper steps' share. Every training row is printed with its ratio to
-`keras_lora` measured in the same run, and the inference rows with their
-ratio to `base_inference`. On a shared machine, `--rounds N` runs the list
-of rows N times, in turn, and pools each row's timed steps, so that a
-change in the machine's load weighs on every row alike. Rows with a
+upper steps' share. `bidora_int8_first_order_k1` trains the same BiDoRA on
+a backbone quantized to int8 first (`backbone.quantize("int8")`). Every
+training row is printed with its ratio to `keras_lora` measured in the same
+run, and the inference rows with their ratio to `base_inference`. On a
+shared machine, `--rounds N` runs the list of rows N times, in turn, and
+pools each row's timed steps, so that a change in the machine's load weighs
+on every row alike. Rows with a
 target (`TARGETS`) carry `target` and `target_met`, and the `.md` table
 lists the missed targets with what is known to be left there.
 
@@ -50,6 +52,7 @@ ROWS = (
     "bidora_darts_k4",
     "bidora_darts_forward_k1",
     "bidora_neumann_k1",
+    "bidora_int8_first_order_k1",
     "base_inference",
     "merged_inference",
 )
@@ -163,7 +166,12 @@ def run_row(name, batch_size, sequence_length, warmup, steps):
         )
         trainer = model
     else:
-        hypergradient, _, k = name.split("_", 1)[1].rpartition("_")
+        spec = name.split("_", 1)[1]
+        if spec.startswith("int8_"):
+            # The frozen backbone in int8, dequantized in each adapted call.
+            model.backbone.quantize("int8")
+            spec = spec.removeprefix("int8_")
+        hypergradient, _, k = spec.rpartition("_")
         trainer = keras_bidora.BiDoRAModel(
             model,
             rank=8,

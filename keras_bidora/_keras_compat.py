@@ -139,6 +139,49 @@ def retrack_torch_variables(layer):
         layer._track_variables()
 
 
+# Quantization --------------------------------------------------------------
+
+
+def dequantized_kernel(layer, dtype):
+    """The float kernel of an int8 or int4 `Dense`/`EinsumDense`, in `dtype`.
+
+    Keras stores a quantized kernel `W0` as integers `q` and a
+    `kernel_scale`, and dequantizes it as its own LoRA merge does
+    (`_get_kernel_with_merged_lora` in keras/src/layers/core/dense.py and
+    einsum_dense.py): int8 and per-channel int4 as `q / kernel_scale`,
+    sub-channel int4 (a block size) as `(q - kernel_zero) * kernel_scale`
+    per group of rows, `g_idx` naming each row's group. The public `kernel`
+    property gives `q` unpacked, in the kernel's shape; an int4
+    `EinsumDense` quantizes it as a `(rows, columns)` matrix with one
+    scale per column, and an int8 `EinsumDense` keeps its scale in a layout
+    that `_adjust_scale_for_dequant` turns back into the kernel's.
+
+    Args:
+        layer: a built `Dense` or `EinsumDense` quantized to int8 or int4.
+        dtype: the float dtype to return.
+
+    Returns:
+        A tensor of the float kernel's shape.
+    """
+    values = keras.ops.cast(layer.kernel, dtype)
+    scale = keras.ops.cast(layer.kernel_scale, dtype)
+    shape = tuple(values.shape)
+    if layer.quantization_mode == "int8":
+        if isinstance(layer, keras.layers.EinsumDense):
+            scale = layer._adjust_scale_for_dequant(scale)
+        return values / scale
+    # int4: one column per entry of the scale's last axis.
+    values = keras.ops.reshape(values, (-1, scale.shape[-1]))
+    if getattr(layer, "_int4_block_size", None) in (None, -1):
+        return keras.ops.reshape(values / scale, shape)
+    groups = keras.ops.cast(layer.g_idx, "int32")
+    zero = keras.ops.cast(layer.kernel_zero, dtype)
+    values = (values - keras.ops.take(zero, groups, axis=0)) * keras.ops.take(
+        scale, groups, axis=0
+    )
+    return keras.ops.reshape(values, shape)
+
+
 # Distribution --------------------------------------------------------------
 
 
@@ -243,6 +286,7 @@ def check():
     _check_layers(model, dense, outputs, backend)
     _check_trainer(model, backend)
     _check_optimizers()
+    _check_quantization()
 
 
 def _check_layers(model, dense, outputs, backend):
@@ -349,6 +393,37 @@ def _check_optimizers():
         "to keep the learning rate when resetting an optimizer's state",
         keras.Variable,
     )
+
+
+def _check_quantization():
+    purpose = "to dequantize an int8 or int4 kernel inside BiDoRADense"
+    einsum = keras.layers.EinsumDense(
+        "ab,bc->ac", (4,), name="bidora_check_einsum"
+    )
+    dense = keras.layers.Dense(4, name="bidora_check_int4")
+    for layer, mode in ((einsum, "int8"), (dense, "int4")):
+        layer.build((None, 3))
+        kernel = keras.ops.convert_to_tensor(layer.kernel)
+        layer.quantize(mode)
+        if mode == "int4":
+            _require(layer, "Dense._int4_block_size", purpose)
+        else:
+            _require(
+                layer,
+                "EinsumDense._adjust_scale_for_dequant",
+                purpose,
+                callable,
+            )
+        error = keras.ops.max(
+            keras.ops.abs(dequantized_kernel(layer, "float32") - kernel)
+        )
+        # int4 keeps 16 levels: a step is at most 1/7 of the largest value.
+        if float(error) > float(keras.ops.max(keras.ops.abs(kernel))) / 7:
+            raise _changed(
+                f"{type(layer).__name__}.kernel_scale",
+                purpose,
+                f"dequantizing a {mode} kernel no longer gives it back",
+            )
 
 
 def _check_parent_path():

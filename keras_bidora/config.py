@@ -23,6 +23,12 @@ DROPOUT = 0.0
 DETACH_NORM = False
 LORA_A_INITIALIZER = "he_uniform"
 
+# The Keras quantization modes (`layer.quantize(mode)`) of a base kernel
+# that BiDoRADense adapts: it dequantizes W0 inside its call. float8, gptq
+# and awq keep other state (scaling histories, calibrated kernels) that it
+# does not read.
+QUANTIZATION_MODES = ("int8", "int4")
+
 
 def default_alpha(rank):
     """The scale numerator used when `alpha=None`: `ALPHA_PER_RANK * rank`."""

@@ -274,6 +274,61 @@ def summary(model):
     )
 
 
+def quantized_layers(model):
+    """How each quantized layer of a model is quantized, by layer path.
+
+    A model quantized after `inject` (`backbone.quantize("int8")`) no longer
+    matches the config `inject` recorded; `BiDoRAModel` saves this beside
+    it and `quantize_layers` quantizes the rebuilt model the same way.
+
+    Args:
+        model: a Keras model, injected or not.
+
+    Returns:
+        A dict from layer path to `{"mode": ..., "block_size": ...}`, the
+        block size being that of an int4 policy (`None` otherwise). Each
+        adapted layer is listed under its own path.
+    """
+    found = {}
+    for layer in _walk(model)[0]:
+        mode = layer.quantization_mode
+        if mode is not None and not isinstance(layer, BiDoRADense):
+            found[_layer_path(layer)] = {
+                "mode": mode,
+                "block_size": getattr(layer.dtype_policy, "block_size", None),
+            }
+    return found
+
+
+def quantize_layers(model, quantization):
+    """Quantizes a model's layers as `quantized_layers` described them.
+
+    Layers already quantized (a KerasHub backbone rebuilt from a config with
+    its `DTypePolicyMap`) are left as they are.
+
+    Args:
+        model: a built Keras model, not injected.
+        quantization: a dict returned by `quantized_layers`.
+    """
+    groups = {}
+    for path, setting in quantization.items():
+        key = (setting["mode"], setting.get("block_size"))
+        groups.setdefault(key, set()).add(path)
+    for (mode, block_size), paths in groups.items():
+        quantization_config = None
+        if mode == "int4":
+            quantization_config = keras.quantizers.Int4QuantizationConfig(
+                block_size=-1 if block_size is None else block_size
+            )
+        model.quantize(
+            mode,
+            config=quantization_config,
+            filters=lambda layer, paths=paths: (
+                layer.quantization_mode is None and _layer_path(layer) in paths
+            ),
+        )
+
+
 def injected_model(model):
     """Returns `model`, or a `BiDoRAModel`'s injected `.model`."""
     if getattr(model, _STATE_ATTRIBUTE, None) is None:

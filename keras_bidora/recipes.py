@@ -506,17 +506,13 @@ def _finish(model, trained, dev, batch_size, merge, score, settings):
         if settings.method == "keras-lora":
             merged = _merge_keras_lora(model)
         else:
-            merged = _merge(trained)
+            merged = saving.merge(trained)
         if dev is not None:
             merged_outputs = np.asarray(predict(merged, dev[0], batch_size))
             difference = float(np.max(np.abs(merged_outputs - outputs)))
             outputs = merged_outputs
     metrics = score(outputs) if score is not None else None
     return merged, outputs, metrics, difference, save_adapter
-
-
-def _merge(trained):
-    return saving.merge(trained)
 
 
 def predict(model, x, batch_size=config.EVALUATION_BATCH_SIZE):

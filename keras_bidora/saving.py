@@ -8,11 +8,14 @@ import zipfile
 
 import keras
 import numpy as np
-from keras import ops
 
+from keras_bidora import _keras_compat
+from keras_bidora import config
 from keras_bidora.injection import injected_model
 from keras_bidora.injection import injection_config
+from keras_bidora.layers.bidora_dense import BiDoRADense
 from keras_bidora.layers.bidora_dense import adapted_layers
+from keras_bidora.layers.bidora_dense import check_quantization_mode
 
 FORMAT_NAME = "keras_bidora.adapter_weights"
 FORMAT_VERSION = 1
@@ -188,7 +191,7 @@ def _assignments(layers, arrays):
     return assignments, problems
 
 
-def merge(model):
+def merge(model, quantize=None):
     """A plain copy of the model with the adapters merged into its kernels.
 
     Every `BiDoRADense` becomes the `Dense`/`EinsumDense` it wraps, with the
@@ -199,12 +202,20 @@ def merge(model):
     copy shares the original's preprocessor and, for a generative task,
     its sampler. The input model is not changed.
 
+    The copy is a float model: a kernel or embedding table quantized to
+    int8 or int4 (before or after `inject`) comes back dequantized, and
+    `W'` is merged from the dequantized `W0`. `quantize="int8"` (or
+    `"int4"`) quantizes the whole copy again with `keras.Model.quantize`.
+
     Args:
         model: a model returned by `keras_bidora.inject`, or a
             `BiDoRAModel` (whose wrapped model is merged).
+        quantize: `None` (a float copy), or a mode of
+            `keras_bidora.config.QUANTIZATION_MODES` to quantize it to.
 
     Returns:
-        A new `keras.Model` computing what the adapted model computes.
+        A new `keras.Model` computing what the adapted model computes
+        (within the quantization error, with `quantize`).
 
     Example:
 
@@ -219,9 +230,10 @@ def merge(model):
     >>> type(merged).__name__
     'BertBackbone'
     """
+    if quantize is not None:
+        check_quantization_mode(quantize, f"quantize={quantize!r}")
     source = injected_model(model)
-    config = injection_config(source)
-    model_config = config["model"]
+    model_config = _float_config(injection_config(source)["model"])
     preprocessor = getattr(source, "preprocessor", None)
     if "preprocessor" not in model_config.get("config", {}):
         preprocessor = None
@@ -230,45 +242,105 @@ def merge(model):
         # copy shares the original's preprocessor, which has no weights.
         model_config["config"]["preprocessor"] = None
     merged = keras.saving.deserialize_keras_object(model_config)
-
-    layers = adapted_layers(source)
-    adapter_ids = {
-        id(variable)
-        for layer in layers
-        for variable in _adapter_variables(layer)
-    }
-    # Without its adapter variables, the injected model's weights are the
-    # pre-injection model's, in the same order: each wrapper sits where its
-    # layer was and lists its own variables before the wrapped layer's.
-    weights = [w for w in source.weights if id(w) not in adapter_ids]
-    merged_weights = merged.weights
-    mismatched = [
-        f"{w.path} {tuple(w.shape)} vs {m.path} {tuple(m.shape)}"
-        for w, m in zip(weights, merged_weights)
-        if tuple(w.shape) != tuple(m.shape)
-    ]
-    if len(weights) != len(merged_weights) or mismatched:
-        raise ValueError(
-            "The model rebuilt from the pre-injection config does not have "
-            f"the injected model's weights ({len(merged_weights)} vs "
-            f"{len(weights)} weights); first mismatches: {mismatched[:5]}"
-        )
-    kernels = {id(layer.layer.kernel): layer for layer in layers}
-    for weight, merged_weight in zip(weights, merged_weights):
-        layer = kernels.get(id(weight))
-        # A copy, not the model's own array: JAX's `predict` donates its
-        # model's arrays, so shared ones would be deleted under the other.
-        value = (
-            ops.copy(weight.value) if layer is None else layer.merged_kernel()
-        )
-        merged_weight.assign(value)
+    _assign_merged_weights(source, merged)
     if preprocessor is not None:
         merged.preprocessor = preprocessor
     if getattr(source, "sampler", None) is not None:
         # A generative task's sampler (e.g. greedy) is part of what it
         # generates; the copy's would be its class's default.
         merged.sampler = source.sampler
+    if quantize is not None:
+        merged.quantize(quantize)
     return merged
+
+
+def _assign_merged_weights(source, merged):
+    """Gives each weight of `merged` its float value from `source`.
+
+    Weights are matched by variable path: an adapted kernel takes `W'`, a
+    quantized kernel or embedding table its dequantized value, any other
+    weight the source's value.
+    """
+    layers = adapted_layers(source)
+    adapter_ids = {
+        id(variable)
+        for layer in layers
+        for variable in _adapter_variables(layer)
+    }
+    variables = {w.path: w for w in source.weights if id(w) not in adapter_ids}
+    wrappers = {layer.path: layer for layer in layers}
+    quantized = {
+        layer.path: layer
+        for layer in _keras_compat.flatten_layers(source)
+        if layer.quantization_mode is not None
+        and not isinstance(layer, BiDoRADense)
+    }
+    missing = []
+    for weight in merged.weights:
+        layer_path, _, name = weight.path.rpartition("/")
+        if name == "kernel" and layer_path in wrappers:
+            value = wrappers[layer_path].merged_kernel()
+        elif layer_path in quantized and name in ("kernel", "embeddings"):
+            value = _dequantized(quantized[layer_path], name, weight.dtype)
+        else:
+            variable = variables.get(weight.path)
+            value = None if variable is None else variable.value
+        if value is None or tuple(value.shape) != tuple(weight.shape):
+            missing.append(f"{weight.path} {tuple(weight.shape)}")
+            continue
+        # A copy: on JAX, a `predict` of either model donates the buffers
+        # of its variables, which the two would otherwise share.
+        weight.assign(keras.ops.copy(value))
+    if missing:
+        raise ValueError(
+            "The model rebuilt from the pre-injection config has weights "
+            "the injected model does not have (by path and shape); first "
+            f"ones: {missing[:5]}"
+        )
+
+
+def _dequantized(layer, name, dtype):
+    """The float value of a quantized kernel or embedding table."""
+    mode = layer.quantization_mode
+    if mode == "float8":
+        # float8 keeps the float kernel and quantizes only in its call.
+        return keras.ops.cast(getattr(layer, name), dtype)
+    if mode in config.QUANTIZATION_MODES:
+        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+            return _keras_compat.dequantized_kernel(layer, dtype)
+        if isinstance(layer, keras.layers.Embedding):
+            # A quantized embedding looks up dequantized rows.
+            ids = keras.ops.arange(layer.input_dim)
+            return keras.ops.cast(layer(ids), dtype)
+    raise ValueError(
+        f"merge cannot dequantize weight {name!r} of layer {layer.path!r} "
+        f"({type(layer).__name__}, quantization_mode="
+        f"{layer.quantization_mode!r})."
+    )
+
+
+def _float_config(value):
+    """A serialized model with each quantized dtype policy made float.
+
+    A quantized policy becomes the policy it was made from, and a KerasHub
+    backbone's `DTypePolicyMap` (what its config holds once quantized) its
+    default policy; layer configs lose their `quantization_config`.
+    """
+    if isinstance(value, list):
+        return [_float_config(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if value.get("module") == "keras.dtype_policies":
+        policy_config = value.get("config") or {}
+        if value.get("class_name") == "DTypePolicyMap":
+            return _float_config(policy_config.get("default_policy"))
+        if "source_name" in policy_config:
+            return policy_config["source_name"]
+        return value
+    return {
+        key: None if key == "quantization_config" else _float_config(item)
+        for key, item in value.items()
+    }
 
 
 def _adapted_layers(model):

@@ -203,6 +203,45 @@ def pairwise_norm(values, case):
     )
 
 
+def check_numpy_reference(test, layer, x, values, case, atol=1e-5):
+    """`layer`'s output, direction and column scale against NumPy's."""
+    test.assertAllClose(
+        layer(x), numpy_output(x, values, case), atol=atol, rtol=atol
+    )
+    direction = numpy_direction(
+        values["kernel"], values["lora_a"], values["lora_b"], case
+    )
+    test.assertAllClose(layer.direction_matrix(), direction, atol=1e-5)
+    test.assertAllClose(
+        layer.column_scale(),
+        values["magnitude"].reshape(-1) / np.linalg.norm(direction, axis=0),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def check_adapter_gradients(test, layer, x, values, case):
+    """The adapters' gradients against NumPy finite differences.
+
+    Returns:
+        The gradients, one NumPy array per adapter variable.
+    """
+    target = np.random.default_rng(3).normal(size=layer(x).shape)
+    variables = [layer.magnitude, layer.lora_a, layer.lora_b]
+    grads = gradients(
+        lambda: ops.sum(layer(x) * ops.convert_to_tensor(target, "float32")),
+        variables,
+    )
+    expected = numeric_gradients(
+        lambda v: np.sum(numpy_output(x, v, case) * target),
+        values,
+        ["magnitude", "lora_a", "lora_b"],
+    )
+    for grad, reference in zip(grads, expected):
+        test.assertAllClose(grad, reference, atol=1e-3, rtol=1e-3)
+    return grads
+
+
 class BiDoRADenseTest(TestCase):
     def make_layer(self, case, **kwargs):
         kwargs.setdefault("rank", RANK)
@@ -233,21 +272,7 @@ class BiDoRADenseTest(TestCase):
         layer = self.make_layer(case)
         randomize_adapter(layer)
         x = make_inputs(case)
-        values = numpy_variables(layer)
-
-        self.assertAllClose(
-            layer(x), numpy_output(x, values, case), atol=1e-5, rtol=1e-5
-        )
-        direction = numpy_direction(
-            values["kernel"], values["lora_a"], values["lora_b"], case
-        )
-        self.assertAllClose(layer.direction_matrix(), direction, atol=1e-5)
-        self.assertAllClose(
-            layer.column_scale(),
-            values["magnitude"].reshape(-1) / np.linalg.norm(direction, axis=0),
-            atol=1e-5,
-            rtol=1e-5,
-        )
+        check_numpy_reference(self, layer, x, numpy_variables(layer), case)
 
     @parameterized.named_parameters(named_cases())
     def test_equals_base_layer_at_init(self, case):
@@ -285,7 +310,6 @@ class BiDoRADenseTest(TestCase):
         layer = self.make_layer(case)
         randomize_adapter(layer)
         x = make_inputs(case)
-        target = np.random.default_rng(3).normal(size=layer(x).shape)
 
         self.assertEqual(
             sorted(w.name for w in layer.trainable_weights),
@@ -298,26 +322,14 @@ class BiDoRADenseTest(TestCase):
         )
         self.assertFalse(base.trainable)
 
-        variables = [layer.magnitude, layer.lora_a, layer.lora_b]
-        grads = gradients(
-            lambda: ops.sum(
-                layer(x) * ops.convert_to_tensor(target, "float32")
-            ),
-            variables,
+        # Independent reference: finite differences of the NumPy formula.
+        grads = check_adapter_gradients(
+            self, layer, x, numpy_variables(layer), case
         )
+        variables = [layer.magnitude, layer.lora_a, layer.lora_b]
         for variable, grad in zip(variables, grads):
             self.assertEqual(grad.shape, tuple(variable.shape))
             self.assertGreater(np.abs(grad).max(), 1e-4, msg=variable.name)
-
-        # Independent reference: finite differences of the NumPy formula.
-        values = numpy_variables(layer)
-        expected = numeric_gradients(
-            lambda v: np.sum(numpy_output(x, v, case) * target),
-            values,
-            ["magnitude", "lora_a", "lora_b"],
-        )
-        for grad, reference in zip(grads, expected):
-            self.assertAllClose(grad, reference, atol=1e-3, rtol=1e-3)
 
     @parameterized.named_parameters(named_cases("dense", "gemma_query"))
     def test_detach_norm(self, case):

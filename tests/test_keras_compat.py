@@ -245,6 +245,27 @@ class KerasCompatTest(TestCase):
         logs = model.evaluate(x, y, verbose=0, return_dict=True)
         self.assertAllClose(to_numpy(tracker.result()), logs["loss"])
 
+    def test_dequantized_kernel(self):
+        # Keras's own int4 forward pass (no input quantization) is x @ W0.
+        x = np.random.default_rng(0).normal(size=(2, 4, 6)).astype("float32")
+        for block_size in (-1, 2):
+            layer = keras.layers.EinsumDense("abc,cde->abde", (None, 2, 3))
+            layer.build((None, 4, 6))
+            layer.quantize(
+                "int4",
+                config=keras.quantizers.Int4QuantizationConfig(
+                    block_size=block_size
+                ),
+            )
+            kernel = _keras_compat.dequantized_kernel(layer, "float32")
+            self.assertEqual(tuple(kernel.shape), (6, 2, 3))
+            self.assertAllClose(
+                ops.einsum("abc,cde->abde", x, kernel),
+                layer(x),
+                atol=1e-5,
+                rtol=1e-5,
+            )
+
     def test_overridden_methods_are_overridden_with_keras_signature(self):
         for name, (_, keywords) in _keras_compat.OVERRIDDEN_METHODS.items():
             self.assertIn(name, vars(keras_bidora.BiDoRAModel))
@@ -273,6 +294,19 @@ class KerasCompatTest(TestCase):
             self.assertFalse(hasattr(keras.Model, "_symbolic_build"))
             self.assertCheckFails("Model._symbolic_build", "does not have")
         self.assertTrue(hasattr(keras.Model, "_symbolic_build"))
+
+    def test_check_names_a_removed_quantization_method(self):
+        name = "_adjust_scale_for_dequant"
+        with _removed(keras.layers.EinsumDense, name):
+            self.assertCheckFails(f"EinsumDense.{name}", "does not have")
+
+    def test_check_names_a_changed_dequantization(self):
+        def doubled(layer, dtype):
+            return 2 * dequantized_kernel(layer, dtype)
+
+        dequantized_kernel = _keras_compat.dequantized_kernel
+        with mock.patch.object(_keras_compat, "dequantized_kernel", doubled):
+            self.assertCheckFails("EinsumDense.kernel_scale", "has changed")
 
     def test_check_names_a_changed_signature(self):
         def symbolic_build(self, iterator=None):

@@ -40,9 +40,9 @@ def run_example(code, cwd):
 class ReadmeTest(TestCase):
     def test_examples_are_found(self):
         # "Fine-tune a KerasHub task" (classifier, causal LM), the layer,
-        # "Adapt a KerasHub model", "Train with BiDoRA" and "Fine-tune
-        # with the recipe".
-        self.assertLen(readme_examples(), 6)
+        # "Adapt a KerasHub model", "Train with BiDoRA", "Fine-tune with
+        # the recipe" and "Fine-tune a quantized model".
+        self.assertLen(readme_examples(), 7)
 
     @pytest.mark.large
     def test_examples_run(self):

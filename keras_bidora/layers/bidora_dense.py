@@ -93,6 +93,16 @@ class BiDoRADense(keras.layers.Layer):
     (like Keras's own LoRA) and the output comes back in the layer's compute
     dtype.
 
+    The wrapped layer may be quantized to one of
+    `keras_bidora.config.QUANTIZATION_MODES` (int8, int4) with
+    `layer.quantize(mode)`, before it is wrapped or after (a model's
+    `quantize` reaches the wrapped layer). `W0` is then dequantized inside
+    the call and never stored in float; the column norm is that of the
+    dequantized `W0 + s * A @ B`, the adapters stay float and are the only
+    trainable variables, and the layer computes in the float policy the
+    base was quantized from. A magnitude made before the quantization keeps
+    the float kernel's column norms.
+
     Args:
         layer: a built `keras.layers.Dense` or `keras.layers.EinsumDense`.
         rank: int >= 1, the rank of the direction update.
@@ -148,7 +158,12 @@ class BiDoRADense(keras.layers.Layer):
         if alpha is None:
             alpha = config.default_alpha(rank)
         kwargs.setdefault("name", layer.name)
-        kwargs.setdefault("dtype", layer.dtype_policy)
+        policy = layer.dtype_policy
+        if layer.quantization_mode is not None:
+            # The adapters compute in float: a quantized policy would make
+            # Keras call a quantized forward pass this layer does not have.
+            policy = float_policy(policy)
+        kwargs.setdefault("dtype", policy)
         # Variables are read in their own dtype and cast explicitly in
         # `call`: the column norm is taken in float32 under a mixed policy,
         # where autocasting would first round W0 to the compute dtype. (Keras
@@ -265,8 +280,21 @@ class BiDoRADense(keras.layers.Layer):
             autocast=False,
         )
 
+    def _base_kernel(self, dtype):
+        """`W0` in `dtype`, dequantized when the base is int8 or int4."""
+        if self.layer.quantization_mode is None:
+            return ops.cast(self.layer.kernel, dtype)
+        # The base may have been quantized after this layer was made.
+        _check_quantization(self.layer)
+        return _keras_compat.dequantized_kernel(self.layer, dtype)
+
+    @property
+    def kernel_dtype(self):
+        """The float dtype of `W0`: its variable dtype, even if quantized."""
+        return self.layer.dtype_policy.variable_dtype
+
     def _base_matrix(self, dtype):
-        kernel = ops.cast(self.layer.kernel, dtype)
+        kernel = self._base_kernel(dtype)
         kernel = ops.transpose(kernel, self._matrix_perm)
         return ops.reshape(kernel, (self._in_units, self._out_units))
 
@@ -291,26 +319,33 @@ class BiDoRADense(keras.layers.Layer):
         """Returns the adapted kernel `W'` in the wrapped kernel's shape.
 
         Returns:
-            A tensor of the wrapped kernel's shape and dtype.
+            A tensor of the wrapped kernel's shape, in its float dtype
+            (`kernel_dtype`: float32 for an int8 or int4 base).
         """
         matrix = self.direction_matrix()
         if self.use_magnitude:
             matrix = matrix * self.column_scale()
         kernel = ops.reshape(matrix, self._in_shape + self._out_shape)
         kernel = ops.transpose(kernel, self._kernel_perm)
-        return ops.cast(kernel, self.layer.kernel.dtype)
+        return ops.cast(kernel, self.kernel_dtype)
 
     def merged_layer(self):
         """Returns a plain `Dense`/`EinsumDense` holding the adapted kernel.
 
         The new layer has the wrapped layer's config (name included) and
         bias, and its kernel is `merged_kernel()`; it holds no keras_bidora
-        objects and computes what this layer computes.
+        objects and computes what this layer computes. For an int8 or int4
+        base it is a float layer (the policy the base was quantized from);
+        call its `quantize(mode)` to quantize it again.
 
         Returns:
             A built `keras.layers.Dense` or `keras.layers.EinsumDense`.
         """
-        merged = self.layer.__class__.from_config(self.layer.get_config())
+        layer_config = self.layer.get_config()
+        if self.layer.quantization_mode is not None:
+            layer_config["dtype"] = float_policy(self.layer.dtype_policy)
+            layer_config.pop("quantization_config", None)
+        merged = self.layer.__class__.from_config(layer_config)
         merged.build_from_config(self.layer.get_build_config())
         merged.kernel.assign(self.merged_kernel())
         if self.layer.bias is not None:
@@ -325,9 +360,7 @@ class BiDoRADense(keras.layers.Layer):
     def call(self, inputs, training=None):
         compute_dtype = self.compute_dtype
         inputs = ops.cast(inputs, compute_dtype)
-        outputs = self._contract(
-            inputs, ops.cast(self.layer.kernel, compute_dtype)
-        )
+        outputs = self._contract(inputs, self._base_kernel(compute_dtype))
         adapter_inputs = self.dropout_layer(inputs, training=training)
         lora_a = ops.reshape(self.lora_a, self._in_shape + (self.rank,))
         lora_b = ops.reshape(self.lora_b, (self.rank,) + self._out_shape)
@@ -399,11 +432,42 @@ def _check_layer(layer):
             "The wrapped layer already has Keras's own LoRA enabled. "
             f"Received: layer={layer.name!r}"
         )
-    if getattr(layer, "quantization_mode", None):
+    _check_quantization(layer)
+
+
+def _check_quantization(layer):
+    mode = layer.quantization_mode
+    if mode is not None:
+        check_quantization_mode(
+            mode, f"layer={layer.name!r} with quantization_mode={mode!r}"
+        )
+
+
+def float_policy(policy):
+    """The name of the float policy with `policy`'s compute and variables.
+
+    A quantized policy computes in its source policy's dtype and keeps its
+    float variables in the source's variable dtype (`"int8_from_float32"`,
+    `"int4/128_from_mixed_bfloat16"`); its source may itself be a policy
+    map's, whose name Keras cannot parse back.
+    """
+    if policy.compute_dtype == policy.variable_dtype:
+        return policy.variable_dtype
+    return f"mixed_{policy.compute_dtype}"
+
+
+def check_quantization_mode(mode, received):
+    """Raises a `ValueError` unless `mode` is a supported quantization mode.
+
+    Args:
+        mode: a Keras quantization mode (`"int8"`, `"float8"`, ...).
+        received: the argument that gave it, for the message
+            (`"quantize='float8'"`).
+    """
+    if mode not in config.QUANTIZATION_MODES:
         raise ValueError(
-            "BiDoRADense does not wrap quantized layers. Received: "
-            f"layer={layer.name!r} with "
-            f"quantization_mode={layer.quantization_mode!r}"
+            "BiDoRADense adapts float kernels and kernels quantized to one "
+            f"of {config.QUANTIZATION_MODES}. Received: {received}"
         )
 
 

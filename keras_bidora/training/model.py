@@ -10,6 +10,7 @@ from keras_bidora import _keras_compat
 from keras_bidora import config
 from keras_bidora.distribution import distribute_adapters
 from keras_bidora.layers.bidora_dense import adapted_layers
+from keras_bidora.layers.bidora_dense import check_quantization_mode
 from keras_bidora.training import bilevel_dataset
 from keras_bidora.training import hypergradients
 from keras_bidora.training import inputs
@@ -220,6 +221,29 @@ class BiDoRAModel(keras.Model):
             for layer in self.adapted_layers
             if layer.magnitude is not None
         ]
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantizes the wrapped model's frozen layers, as `keras.Model`'s.
+
+        Only the modes of `keras_bidora.config.QUANTIZATION_MODES` (int8,
+        int4) are accepted, before anything is quantized. Each adapted
+        layer's base kernel is quantized and dequantized inside its call;
+        the adapters stay float and trainable, and the magnitudes keep
+        their values (at injection, the float kernel's column norms).
+
+        Args:
+            mode: `"int8"` or `"int4"`; may be left to `config`.
+            config: a `keras.quantizers.QuantizationConfig`.
+            filters: which layers to quantize, as `keras.Model.quantize`.
+                Defaults to the frozen layers, so that a task's head keeps
+                training in float.
+            **kwargs: passed to `keras.Model.quantize`.
+        """
+        requested = mode if mode is not None else getattr(config, "mode", None)
+        check_quantization_mode(requested, f"mode={requested!r}")
+        if filters is None:
+            filters = _is_frozen
+        super().quantize(mode, config=config, filters=filters, **kwargs)
 
     # Compile -------------------------------------------------------------
 
@@ -669,11 +693,15 @@ class BiDoRAModel(keras.Model):
 
     def get_config(self):
         from keras_bidora.injection import injection_config
+        from keras_bidora.injection import quantized_layers
 
         return {
             "name": self.name,
             "trainable": self.trainable,
             "model": injection_config(self.model),
+            # Layers quantized after the injection are not quantized in the
+            # model's config.
+            "quantization": quantized_layers(self.model),
             "upper_fraction": self.upper_fraction,
             "hypergradient": self.hypergradient,
             "upper_every": self.upper_every,
@@ -687,9 +715,11 @@ class BiDoRAModel(keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         from keras_bidora.injection import inject
+        from keras_bidora.injection import quantize_layers
 
         config = dict(config)
         injection = dict(config.pop("model"))
+        quantization = config.pop("quantization", {})
         if injection.get("alpha", 0) is None:
             # Files saved before `alpha` was resolved at injection stored
             # None, which then meant `alpha = rank`.
@@ -697,6 +727,7 @@ class BiDoRAModel(keras.Model):
         model = keras.saving.deserialize_keras_object(
             injection.pop("model"), custom_objects=custom_objects
         )
+        quantize_layers(model, quantization)
         inject(model, **injection)
         return cls(model, **injection, **config)
 
@@ -714,6 +745,10 @@ def _task_compile_arguments(task):
         for key in ("loss", "metrics", "weighted_metrics")
         if compiled.get(key) is not None
     }
+
+
+def _is_frozen(layer):
+    return not layer.trainable
 
 
 def _check_bilevel_fit(class_weight, steps_per_epoch, x):
