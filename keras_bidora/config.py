@@ -101,4 +101,7 @@ FILE_TASK_KINDS = ("classification", "regression")
 GENERATION_TASKS = ("e2e",)
 # What separates the two texts of a pair in `keras-bidora predict`.
 PAIR_SEPARATOR = "|||"
+# The environment variable naming JAX's persistent compilation cache for the
+# command line (the flag `--jax-compilation-cache` wins over it).
+JAX_CACHE_ENV = "KERAS_BIDORA_JAX_CACHE"
 DEMO_OUT = "keras-bidora-demo"

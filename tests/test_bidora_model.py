@@ -353,6 +353,36 @@ class BiDoRAModelTest(TestCase):
         else:
             self.assertEqual(calls, {"bilevel": 1, "retrain": 1, "evaluate": 1})
 
+    def test_one_trace_per_phase_from_datasets(self):
+        # Batched `tf.data` splits: 36 lower samples (9 batches of 4) and an
+        # upper dataset of 9 (batches of 4, 4, 1). The upper stream wraps
+        # its short batch around, so every upper batch has 4 samples.
+        import tensorflow as tf
+
+        x, y = make_data(45)
+        lower = tf.data.Dataset.from_tensor_slices((x[:36], y[:36])).batch(4)
+        upper = tf.data.Dataset.from_tensor_slices((x[36:], y[36:])).batch(4)
+        model = self.compiled(upper_every=2)
+        calls = []
+        step = step_lib.STEPS["bilevel"]
+        seen = []
+
+        def counting(model, state, data):
+            calls.append(1)
+            seen.append(data[1])
+            return step(model, state, data)
+
+        with mock.patch.dict(step_lib.STEPS, {"bilevel": counting}):
+            model.fit(lower, upper_data=upper, epochs=2, verbose=0)
+        if keras.config.backend() == "torch":
+            self.assertLen(calls, 18)
+            # An epoch's 5 upper batches cycle through the 9 samples.
+            uppers = [to_numpy(batch[0]) for batch in seen[0:9:2]]
+            expected = np.concatenate([x[36:]] * 3)[:20].reshape(5, 4, 4)
+            self.assertAllClose(np.stack(uppers), expected)
+        else:
+            self.assertLen(calls, 1)
+
     def test_retrain_never_changes_magnitudes(self):
         x, y = make_data(20)
         model = self.compiled(upper_every=2)

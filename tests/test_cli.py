@@ -40,10 +40,12 @@ TINY = [
 ]  # fmt: skip
 
 
-def run_command(*args, cwd=None):
-    env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="3")
+def run_command(*args, cwd=None, env=None):
+    env = dict(
+        os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="3", **env or {}
+    )
     return subprocess.run(
-        [sys.executable, "-m", "keras_bidora", *args],
+        [sys.executable, "-m", "keras_bidora", *[str(a) for a in args]],
         capture_output=True,
         text=True,
         env=env,
@@ -219,6 +221,45 @@ def test_bad_input_from_the_real_command(tmp_path):
         "mrpc, cola, stsb, conll2003"
     ]
     assert not out.exists()
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="the jax backend takes it")
+def test_jax_compilation_cache_refused_on_other_backends(tmp_path, capsys):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    code, _, err = run_main(
+        capsys, "train", "--task", "sst2", "--backend", BACKEND,
+        "--jax-compilation-cache", cache, "--out", out, *TINY,
+    )  # fmt: skip
+    assert code == 2
+    assert err.strip() == (
+        "keras-bidora: error: --jax-compilation-cache is for the jax "
+        f"backend. Received: --jax-compilation-cache {cache} with the "
+        f"{BACKEND} backend"
+    )
+    assert not out.exists() and not cache.exists()
+
+
+@pytest.mark.large
+@pytest.mark.skipif(
+    BACKEND != "jax", reason="runs the jax backend; once per test suite"
+)
+def test_jax_compilation_cache_is_reused(tmp_path):
+    # JAX caches programs that took over a second to compile by default;
+    # caching every program makes the tiny run's programs count.
+    env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    cache = tmp_path / "cache"
+    entries = []
+    for run in ("first", "second"):
+        result = run_command(
+            "train", "--task", "sst2", "--method", "dora",
+            "--out", tmp_path / run, "--jax-compilation-cache", cache,
+            *TINY, env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        entries.append(set(os.listdir(cache)))
+    assert entries[0], "the first run cached no program"
+    # The second run compiled nothing new: every program came from disk.
+    assert entries[1] == entries[0]
 
 
 # Training end to end ----------------------------------------------------

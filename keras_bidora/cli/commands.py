@@ -47,8 +47,12 @@ def _quiet_stderr():
         os.close(devnull)
 
 
-def use_backend(backend):
-    """Sets KERAS_BACKEND and imports Keras and KerasHub."""
+def use_backend(backend, jax_cache=None):
+    """Sets KERAS_BACKEND and imports Keras and KerasHub.
+
+    `jax_cache` (else the `KERAS_BIDORA_JAX_CACHE` environment variable)
+    names a directory for JAX's persistent compilation cache.
+    """
     if backend:
         os.environ["KERAS_BACKEND"] = backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -74,7 +78,31 @@ def use_backend(backend):
         import keras
         import keras_hub  # noqa: F401
 
+    _use_jax_cache(keras, jax_cache)
     return keras
+
+
+def _use_jax_cache(keras, directory):
+    """Turns on JAX's persistent compilation cache in `directory`."""
+    if directory is None:
+        directory = os.environ.get(config.JAX_CACHE_ENV) or None
+        if directory is None or keras.config.backend() != "jax":
+            return
+    elif keras.config.backend() != "jax":
+        raise UsageError(
+            "--jax-compilation-cache is for the jax backend. Received: "
+            f"--jax-compilation-cache {directory} with the "
+            f"{keras.config.backend()} backend"
+        )
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UsageError(
+            "the JAX compilation cache must be a directory. Received: "
+            f"{directory!r}, a file"
+        )
+    import jax
+
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
 
 
 # Training ---------------------------------------------------------------
@@ -143,7 +171,7 @@ def run_train(args):
     train, dev = inputs.load_training_data(args)
     spec = train.spec
     preset = inputs.resolve_preset(args.preset)
-    keras = use_backend(args.backend)
+    keras = use_backend(args.backend, args.jax_compilation_cache)
     run_start = time.perf_counter()
     prepared = prepare(args, spec, train, dev, preset)
     result, finetuned = train_method(args, args.method, spec, preset, prepared)
@@ -212,7 +240,7 @@ def run_demo(args):
     train, dev = inputs.load_training_data(args)
     spec = train.spec
     preset = inputs.resolve_preset(args.preset)
-    keras = use_backend(args.backend)
+    keras = use_backend(args.backend, args.jax_compilation_cache)
     print(
         f"Demo: {', '.join(args.methods)} on {spec.name} ({len(train)} train, "
         f"{len(dev)} dev examples), backend {keras.config.backend()}, "
@@ -253,11 +281,11 @@ def run_demo(args):
 # Evaluate and predict ---------------------------------------------------
 
 
-def _load_saved(model_path, backend):
+def _load_saved(model_path, backend, jax_cache=None):
     """`(model, spec, encoder)` of a model saved by `train`."""
     info = inputs.read_model_info(model_path)
     spec = info_spec(info)
-    keras = use_backend(backend)
+    keras = use_backend(backend, jax_cache)
     try:
         with warnings.catch_warnings():
             # KerasHub tasks override `compile`, so Keras warns that it
@@ -289,7 +317,9 @@ def run_evaluate(args):
     )
     dev = inputs.limit(dev, args.dev_limit)
     inputs.check_compatible(info_spec(saved), dev.spec)
-    model, spec, encoder = _load_saved(args.model, args.backend)
+    model, spec, encoder = _load_saved(
+        args.model, args.backend, args.jax_compilation_cache
+    )
     from keras_bidora import recipes
 
     x, _ = encoder.encode(dev.texts)
@@ -305,7 +335,9 @@ def run_evaluate(args):
 
 
 def run_predict(args):
-    model, spec, encoder = _load_saved(args.model, args.backend)
+    model, spec, encoder = _load_saved(
+        args.model, args.backend, args.jax_compilation_cache
+    )
     from keras_bidora import recipes
 
     texts = list(args.texts)

@@ -29,7 +29,7 @@ def run_train(args):
     inputs.check_retrain_epochs(args.retrain_epochs)
     train, dev = _load(args)
     metrics = _scoring_metrics()
-    keras = _use_backend(args.backend)
+    keras = _use_backend(args.backend, args.jax_compilation_cache)
     run_start = time.perf_counter()
     build = _builder(keras, args)
     build()  # a preset that is no CausalLM fails here, before training
@@ -95,7 +95,7 @@ def run_generate(args):
     """`keras-bidora generate --model DIR/model.keras PROMPT...`."""
     if not os.path.isfile(args.model):
         raise UsageError(f"{args.model}: no such file")
-    keras = _use_backend(args.backend)
+    keras = _use_backend(args.backend, args.jax_compilation_cache)
     try:
         with warnings.catch_warnings():
             # KerasHub tasks override `compile`; generating needs none.
@@ -183,10 +183,10 @@ def _scoring_metrics():
     return metrics
 
 
-def _use_backend(backend):
+def _use_backend(backend, jax_cache):
     from keras_bidora.cli import commands
 
-    return commands.use_backend(backend)
+    return commands.use_backend(backend, jax_cache)
 
 
 def _builder(keras, args):

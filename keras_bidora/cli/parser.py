@@ -85,6 +85,14 @@ def _add_backend(parser):
         "(default: the KERAS_BACKEND environment variable, else Keras's "
         "default, tensorflow)",
     )
+    parser.add_argument(
+        "--jax-compilation-cache",
+        metavar="DIR",
+        help="on the jax backend, keep compiled programs in DIR (JAX's "
+        "persistent cache), so that a later run with the same shapes skips "
+        f"compilation (default: the {config.JAX_CACHE_ENV} environment "
+        "variable, else no cache)",
+    )
 
 
 def _add_user_data(parser, train=True):

@@ -376,7 +376,10 @@ def stream(
         upper_data: None, or a `tf.data.Dataset` for the upper level.
         upper_fraction: the upper stream's share of the units.
         batch_size: the batch size of an unbatched dataset.
-        upper_batch_size: the upper batch size of an unbatched dataset.
+        upper_batch_size: the upper batch size, or None: `batch_size` for
+            an unbatched upper stream, the first batch's size for a batched
+            one (whose batches are regrouped to that size, so that a short
+            last batch wraps around the stream's start).
         upper_every: an upper step every this many lower steps.
         seed: the split's seed.
         preprocess: None, or a function `(x, y, sample_weight) -> batch`
@@ -409,11 +412,13 @@ def stream(
             tf.data.experimental.assert_cardinality(lower_units)
         )
     if is_batched(dataset if upper_data is None else upper_data):
-        upper = upper.repeat()
+        upper_batch_size = upper_batch_size or _first_batch_size(upper)
+        upper = upper.unbatch()
     else:
-        # Batched after repeating: every upper batch is full, so that a
-        # compiled step sees one upper batch shape.
-        upper = upper.repeat().batch(upper_batch_size, drop_remainder=True)
+        upper_batch_size = upper_batch_size or batch_size
+    # Batched after repeating: every upper batch is full, so that a
+    # compiled step sees one upper batch shape.
+    upper = upper.repeat().batch(upper_batch_size, drop_remainder=True)
     if preprocess is not None:
         lower = lower.map(_unpacked(preprocess))
         upper = upper.map(_unpacked(preprocess))
@@ -434,6 +439,14 @@ def stream(
             tf.data.experimental.assert_cardinality(lower_units)
         )
     return combined.prefetch(tf.data.AUTOTUNE)
+
+
+def _first_batch_size(dataset):
+    """The leading dimension of a batched dataset's first batch."""
+    import tensorflow as tf
+
+    first = tf.nest.flatten(next(iter(dataset.take(1))))[0]
+    return int(first.shape[0])
 
 
 def _unpacked(preprocess):

@@ -60,7 +60,8 @@ def bilevel_data(
     raw = _check(model.model, x, y, upper_data)
     x = raw_inputs.as_arrays(x)
     batch_size = batch_size or config.BATCH_SIZE
-    upper_batch_size = upper_batch_size or model.upper_batch_size or batch_size
+    requested_upper_batch_size = upper_batch_size or model.upper_batch_size
+    upper_batch_size = requested_upper_batch_size or batch_size
     upper_data = _as_arrays_or_dataset(upper_data)
     if raw_inputs.is_tf_dataset(x):
         check_no_labels(y, sample_weight)
@@ -71,7 +72,7 @@ def bilevel_data(
             upper_data,
             model.upper_fraction,
             batch_size,
-            upper_batch_size,
+            requested_upper_batch_size,
             model.upper_every,
             model.seed,
             preprocess=raw_inputs.preprocess_function(model.model)

@@ -394,6 +394,8 @@ class BiDoRAModel(keras.Model):
             A `keras.callbacks.History`.
         """
         callbacks = list(callbacks or [])
+        # The variable lists a step reads are gathered anew for each fit.
+        self._partition = None
         # As `keras.Model.fit`: validation batches as large as training
         # ones unless said otherwise.
         validation_batch_size = (
@@ -649,6 +651,9 @@ class BiDoRAModel(keras.Model):
                 self.lower_optimizer,
                 self.upper_optimizer,
                 self.optimizer.iterations,
+                non_trainable_variables=self.non_trainable_variables,
+                metrics_variables=self.metrics_variables,
+                adapted_layers=self.adapted_layers,
             )
         return self._partition
 
@@ -660,22 +665,23 @@ class BiDoRAModel(keras.Model):
         # TensorFlow and torch: run the stateless step on the variables'
         # values, then write back what the optimizers did not update.
         (data,) = args
+        partition = self.partition
         state = (
-            [ops.convert_to_tensor(v.value) for v in self.trainable_variables],
+            [_value(v) for v in partition.trainable_variables],
             None,
-            [ops.convert_to_tensor(v.value) for v in self.optimizer.variables],
-            [ops.convert_to_tensor(v.value) for v in self.metrics_variables],
+            [_value(v) for v in partition.optimizer_variables],
+            [_value(v) for v in partition.metrics_variables],
         )
         logs, (_, non_trainable, optimizer_values, metrics) = step(
             self, state, data
         )
         # Each level's optimizer updated itself; the MultiOptimizer's own
         # step counter lives only in the returned values.
-        index = self.partition.iterations_slot
+        index = partition.iterations_slot
         self.optimizer.iterations.assign(optimizer_values[index])
         for variable, value in non_trainable:
             variable.assign(value)
-        for variable, value in zip(self.metrics_variables, metrics):
+        for variable, value in zip(partition.metrics_variables, metrics):
             variable.assign(value)
         return logs
 
@@ -743,6 +749,10 @@ class BiDoRAModel(keras.Model):
 
 # What `BiDoRAModel` reads from the wrapped task, kept out of saving's walk.
 _TASK_ATTRIBUTES = ("backbone", "preprocessor", "sampler")
+
+
+def _value(variable):
+    return ops.convert_to_tensor(variable.value)
 
 
 def _task_compile_arguments(task):

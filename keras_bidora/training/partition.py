@@ -11,8 +11,14 @@ class Partition:
     slots, then the upper one's; a stateless train step receives them as
     one flat list, and each level's optimizer takes only its own slice.
 
-    Built when the model's optimizer is built, and rebuilt only when
-    `compile` makes a new one, so that a train step never recomputes it.
+    It also keeps the model's variable lists and adapted layers, which a
+    Keras model gathers by walking all its layers on every access: a step
+    reads them from here, so that an eager (torch) step does not pay for
+    the walks.
+
+    Built when the model's optimizer is built, and again at the start of
+    each `fit` and whenever `compile` makes a new optimizer, so that a
+    train step never recomputes it.
 
     Args:
         trainable_variables: the model's trainable variables, in order.
@@ -21,6 +27,9 @@ class Partition:
         lower_optimizer: the lower level's optimizer (built).
         upper_optimizer: the upper level's optimizer (built), or None.
         iterations: the `MultiOptimizer`'s own step counter.
+        non_trainable_variables: the model's non-trainable variables.
+        metrics_variables: the model's metrics' variables.
+        adapted_layers: the model's `BiDoRADense` layers.
     """
 
     def __init__(
@@ -31,7 +40,15 @@ class Partition:
         lower_optimizer,
         upper_optimizer,
         iterations,
+        non_trainable_variables=(),
+        metrics_variables=(),
+        adapted_layers=(),
     ):
+        self.trainable_variables = list(trainable_variables)
+        self.non_trainable_variables = list(non_trainable_variables)
+        self.metrics_variables = list(metrics_variables)
+        self.optimizer_variables = list(optimizer_variables)
+        self.adapted_layers = list(adapted_layers)
         upper_ids = {id(v) for v in magnitudes}
         self.lower = []
         self.upper = []
@@ -51,6 +68,8 @@ class Partition:
             else []
         )
         self.iterations_slot = positions[id(iterations)]
+        self.lower_variables = [self.trainable_variables[i] for i in self.lower]
+        self.upper_variables = [self.trainable_variables[i] for i in self.upper]
 
     def split(self, values):
         """`(w, m)`: the lower and upper levels' entries of `values`."""

@@ -183,12 +183,13 @@ class _Step:
         """The task loss at `(w, m)` and `(y_pred, non-trainable updates)`."""
         model = self.model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+        partition = self.partition
         mapping = list(
-            zip(model.trainable_variables, self.partition.assemble(w, m))
+            zip(partition.trainable_variables, partition.assemble(w, m))
         )
         if self.non_trainable is not None:
             mapping += list(
-                zip(model.non_trainable_variables, self.non_trainable)
+                zip(partition.non_trainable_variables, self.non_trainable)
             )
         with keras.StatelessScope(state_mapping=mapping) as scope:
             y_pred = model(x, training=True)
@@ -201,10 +202,10 @@ class _Step:
                 loss = loss + _keras_compat.aggregate_additional_loss(
                     model,
                     model.direction_regularization
-                    * direction_regularization(model.adapted_layers),
+                    * direction_regularization(partition.adapted_layers),
                 )
         updates = []
-        for variable in model.non_trainable_variables:
+        for variable in partition.non_trainable_variables:
             value = scope.get_current_value(variable)
             if value is not None:
                 updates.append((variable, value))
@@ -213,7 +214,7 @@ class _Step:
     def learning_rate(self):
         """The lower optimizer's current learning rate (the `xi` of DARTS)."""
         mapping = list(
-            zip(self.model.optimizer.variables, self.optimizer_values)
+            zip(self.partition.optimizer_variables, self.optimizer_values)
         )
         with keras.StatelessScope(state_mapping=mapping):
             rate = ops.convert_to_tensor(
@@ -228,10 +229,11 @@ class _Step:
             model.lower_optimizer if level == "lower" else model.upper_optimizer
         )
         old = self.w if level == "lower" else self.m
-        indices = (
-            self.partition.lower if level == "lower" else self.partition.upper
+        variables = (
+            self.partition.lower_variables
+            if level == "lower"
+            else self.partition.upper_variables
         )
-        variables = [model.trainable_variables[i] for i in indices]
         new, slots = self.backend.apply_gradients(
             pred,
             optimizer,
@@ -266,7 +268,8 @@ class _Step:
     def _metrics(self, loss, y_pred, batch, upper):
         model = self.model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
-        mapping = list(zip(model.metrics_variables, self.metrics_values))
+        metrics_variables = self.partition.metrics_variables
+        mapping = list(zip(metrics_variables, self.metrics_values))
         with keras.StatelessScope(state_mapping=mapping) as scope:
             batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
             _keras_compat.loss_tracker(model).update_state(
@@ -279,9 +282,7 @@ class _Step:
                 )
             logs = model.compute_metrics(x, y, y_pred, sample_weight)
         values = []
-        for variable, value in zip(
-            model.metrics_variables, self.metrics_values
-        ):
+        for variable, value in zip(metrics_variables, self.metrics_values):
             current = scope.get_current_value(variable)
             values.append(value if current is None else current)
         return logs, values
@@ -296,7 +297,7 @@ class _Step:
             if id(v) in updated
             else value
             for v, value in zip(
-                self.model.non_trainable_variables, self.non_trainable
+                self.partition.non_trainable_variables, self.non_trainable
             )
         ]
 
