@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# BiDoRA vs Keras LoRA on one GPU: step time and peak memory, JAX then torch.
-# Needs a CUDA build of jax (jax[cuda12]) and of torch; writes one JSON row
-# per (backend, method) to benchmarks/results/accelerator.jsonl and stdout.
-# Extra arguments go to accelerator.py, e.g. `--methods lora,darts`, or
-# `--tiny` for a CPU smoke test. About 5 minutes on one H100/H200.
+# The accelerator table in one run, on one GPU: Keras LoRA and keras-bidora's
+# LoRA, DoRA and BiDoRA (first_order, darts) on JAX, then on torch, then
+# PEFT's LoRA and DoRA on transformers' Llama (skipped, with a line on
+# stderr, when peft or transformers is missing). One process per row.
+# Writes benchmarks/results/accelerator.md and accelerator.jsonl (rewritten
+# after every row, so that an interrupted run keeps its finished rows) and
+# prints the JSON rows on stdout, then the total wall time on stderr.
+# Needs keras, keras-hub and CUDA builds of jax and torch; not tensorflow.
+# Extra arguments go to accelerator.py, e.g. `--backends torch`,
+# `--methods keras_lora,darts`, or `--tiny --output DIR` on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL=3
 # Let JAX allocate on demand, so that its peak memory is what the step needs
 # rather than a preallocated fraction of the device.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-out=benchmarks/results/accelerator.jsonl
-mkdir -p "$(dirname "$out")"
-: > "$out"
-python -c "import jax, torch, keras, keras_hub; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.cuda.is_available(), '| keras', keras.__version__, '| keras_hub', keras_hub.__version__)" >&2
-status=0
-for backend in ${BACKENDS:-jax torch}; do
-    python benchmarks/accelerator.py --backend "$backend" "$@" | tee -a "$out"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-done
+start=$SECONDS
+python benchmarks/accelerator.py --peers "$@"
+status=$?
+echo "run_accelerator.sh: total wall time $((SECONDS - start)) s" >&2
 exit $status

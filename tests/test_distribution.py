@@ -26,7 +26,6 @@ import textwrap
 
 import keras
 import numpy as np
-import pytest
 
 from keras_bidora import BiDoRADense
 from keras_bidora.distribution import adapter_axes
@@ -316,48 +315,3 @@ class AdapterAxesTest(TestCase):
         distribute_adapters(layer)
         for value, variable in zip(before, layer.weights):
             self.assertAllClose(variable, value)
-
-
-@pytest.mark.large
-class AcceleratorBenchmarkTest(TestCase):
-    """`benchmarks/accelerator.py --tiny` runs (on CPU, for crashes).
-
-    The benchmark covers JAX and torch. To keep the JAX run short, it checks
-    BiDoRA with the first-order hypergradient there (one compilation) and
-    Keras LoRA and BiDoRA with DARTS in the torch and TensorFlow runs (the
-    benchmark itself has no TensorFlow variant).
-    """
-
-    def test_tiny_run(self):
-        backend = keras.config.backend()
-        backend = backend if backend in ("jax", "torch") else "torch"
-        methods = ["first_order"] if backend == "jax" else ["lora", "darts"]
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        process = subprocess.run(
-            [
-                sys.executable,
-                os.path.join(REPO, "benchmarks", "accelerator.py"),
-                "--backend",
-                backend,
-                "--methods",
-                ",".join(methods),
-                "--tiny",
-            ],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        self.assertEqual(process.returncode, 0, msg=process.stderr[-5000:])
-        rows = [
-            json.loads(line)
-            for line in process.stdout.splitlines()
-            if line.startswith("{")
-        ]
-        self.assertEqual([row["method"] for row in rows], methods)
-        for row in rows:
-            self.assertEqual(row["backend"], backend)
-            self.assertGreater(row["step_time_s"], 0)
-            self.assertLen(row["step_times_s"], 3)
-            self.assertGreater(row["trainable_parameters"], 0)
