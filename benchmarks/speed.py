@@ -24,7 +24,13 @@ Usage:
     python benchmarks/speed.py --backend jax --json    # one backend
     python benchmarks/speed.py --backend torch --quick --rounds 3
 
-Results go to `benchmarks/results/speed-<backend>.json` and `.md`.
+Results go to `benchmarks/results/speed-<backend>.json` and `.md`, or, for
+another shape than the default batch 16 x sequence 128, to
+`speed-<backend>-b<batch>-s<length>.json` and `.md` (e.g. the small shapes
+where per-step overhead dominates: `--batch-size 4 --sequence-length 32`
+and `--batch-size 1 --sequence-length 8`). BiDoRA rows also carry their
+ratio to the `dora` row of the same run (`vs dora` in the table): a
+`first_order` step makes two passes, so about 2x is its floor.
 """
 
 import argparse
@@ -56,6 +62,9 @@ ROWS = (
     "base_inference",
     "merged_inference",
 )
+# The default shape: a batch of 16 sequences of 128 tokens.
+BATCH_SIZE = 16
+LENGTH = 128
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -285,6 +294,10 @@ def run_backend(backend, args):
             row[f"ratio_to_{reference}"] = ratio
             # Kept with the row: a later run may replace the reference row.
             row["reference_step_s"] = reference_s
+        if row["name"].startswith("bidora") and "dora" in by_name:
+            row["ratio_to_dora"] = round(
+                row["step_s"] / by_name["dora"]["step_s"], 3
+            )
         _add_target(row)
     return rows
 
@@ -302,6 +315,15 @@ TARGETS = {
         "A DoRA step is a LoRA step plus each layer's column norm, "
         "O(in * out * rank): profile where the rest goes (benchmarks/"
         "README.md, 'Where the time goes').",
+    ),
+    "bidora_first_order_k1": (
+        None,
+        2.1,
+        "A `first_order` step makes two forward+backward passes and the "
+        "lower one adds the orthogonality penalty, whose cost does not "
+        "shrink with the batch (on torch, about 0.045 s of a 0.16 s step "
+        "at batch 1 x 8 tokens on 2 CPU cores); see `vs dora` for the "
+        "ratio to one DoRA pass.",
     ),
     "bidora_first_order_k4": (
         None,
@@ -354,8 +376,8 @@ def _markdown(rows, args):
         f"{args.rounds} round(s).",
         "",
         "| row | median step (s) | ratio | target | reference step in the "
-        "same run (s) | peak memory (MB) | trainable |",
-        "|---|---|---|---|---|---|---|",
+        "same run (s) | vs dora | peak memory (MB) | trainable |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     missed = []
     for row in rows:
@@ -370,12 +392,20 @@ def _markdown(rows, args):
             missed.append(f"- `{row['name']}`: {TARGETS[row['name']][2]}")
         lines.append(
             f"| {row['name']} | {row['step_s']:.4f} | {ratio} | {target} "
-            f"| {reference} | {row['peak_mb']} | "
+            f"| {reference} | {row.get('ratio_to_dora', '')} "
+            f"| {row['peak_mb']} | "
             f"{row['trainable_params'] or ''} |"
         )
     if missed:
         lines += ["", "Missed targets, and what is left:", ""] + missed
     return "\n".join(lines) + "\n"
+
+
+def _stem(backend, args):
+    """The results files' name: one pair of files per backend and shape."""
+    if (args.batch_size, args.sequence_length) == (BATCH_SIZE, LENGTH):
+        return f"speed-{backend}"
+    return f"speed-{backend}-b{args.batch_size}-s{args.sequence_length}"
 
 
 def _save(backend, rows, args):
@@ -385,7 +415,8 @@ def _save(backend, rows, args):
     within one run.
     """
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"speed-{backend}.json")
+    stem = _stem(backend, args)
+    path = os.path.join(RESULTS, f"{stem}.json")
     merged = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -405,7 +436,7 @@ def _save(backend, rows, args):
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     commands = sorted({row["command"] for row in rows})
-    with open(os.path.join(RESULTS, f"speed-{backend}.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{stem}.md"), "w") as f:
         f.write("Commands: " + ", ".join(f"`{c}`" for c in commands) + "\n\n")
         f.write(_markdown(rows, args))
     return rows
@@ -423,8 +454,8 @@ def main():
         "--json", action="store_true", help="print one JSON object per row"
     )
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--sequence-length", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--sequence-length", type=int, default=LENGTH)
     parser.add_argument(
         "--rounds",
         type=int,

@@ -163,3 +163,48 @@ class SpeedBenchmarkTest(TestCase):
             table = f.read()
         self.assertIn("| dora | 1.0000 | None | <= 1.1 |", table)
         self.assertNotIn("Missed targets", table)
+
+    def test_other_shapes_have_their_own_files(self):
+        results, args = self._results_folder()
+        speed._save("jax", [_row("dora", 1.0, "default", 1.0)], args)
+        small = argparse.Namespace(**{**vars(args), "batch_size": 4})
+        small.sequence_length = 32
+        speed._save("jax", [_row("dora", 0.1, "small", 0.08)], small)
+        with open(os.path.join(results, "speed-jax.json")) as f:
+            self.assertEqual([r["command"] for r in json.load(f)], ["default"])
+        with open(os.path.join(results, "speed-jax-b4-s32.json")) as f:
+            self.assertEqual([r["step_s"] for r in json.load(f)], [0.1])
+        with open(os.path.join(results, "speed-jax-b4-s32.md")) as f:
+            self.assertIn("batch 4, sequence 32", f.read())
+
+    def test_bidora_rows_carry_their_ratio_to_dora(self):
+        measured = {
+            "keras_lora": [1.0, 1.2, 1.1],
+            "dora": [1.5, 1.4, 1.6],
+            "bidora_first_order_k1": [3.3, 3.0, 3.1],
+        }
+        args = argparse.Namespace(rows=list(measured), rounds=1, json=True)
+        outputs = {
+            name: "RESULT "
+            + json.dumps({"times": times, "steps_timed": 3, "peak_mb": 1.0})
+            for name, times in measured.items()
+        }
+
+        def fake_run(command, **kwargs):
+            name = command[command.index("--row") + 1]
+            return argparse.Namespace(
+                returncode=0, stdout=outputs[name] + "\n", stderr=""
+            )
+
+        args.batch_size, args.sequence_length = 16, 128
+        args.warmup, args.steps = 3, 3
+        original = speed.subprocess.run
+        speed.subprocess.run = fake_run
+        self.addCleanup(setattr, speed.subprocess, "run", original)
+        rows = {row["name"]: row for row in speed.run_backend("jax", args)}
+        # Medians 3.1 and 1.5, and 1.1 for the Keras LoRA reference.
+        self.assertEqual(rows["bidora_first_order_k1"]["ratio_to_dora"], 2.067)
+        self.assertEqual(
+            rows["bidora_first_order_k1"]["ratio_to_keras_lora"], 2.818
+        )
+        self.assertNotIn("ratio_to_dora", rows["dora"])
