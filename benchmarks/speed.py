@@ -9,7 +9,9 @@ after the warm-up steps (compilation included there); for a BiDoRA row with
 `upper_every=k`, warm-up and timed steps are whole cycles of `k` steps and
 `step_s` is the median cycle's time divided by `k`, so that it includes the
 upper steps' share. `bidora_int8_first_order_k1` trains the same BiDoRA on
-a backbone quantized to int8 first (`backbone.quantize("int8")`). Every
+a backbone quantized to int8 first (`backbone.quantize("int8")`);
+`bidora_first_order_proportional_k1` takes upper batches sized to the upper
+split (`upper_batch_size="proportional"`, 4 samples at batch 16). Every
 training row is printed with its ratio to `keras_lora` measured in the same
 run, and the inference rows with their ratio to `base_inference`. On a
 shared machine, `--rounds N` runs the list of rows N times, in turn, and
@@ -46,6 +48,8 @@ import sys
 import time
 
 from keras_bidora.config import BACKENDS
+from keras_bidora.config import HYPERGRADIENTS
+from keras_bidora.config import UPPER_BATCH_SIZE_PROPORTIONAL
 
 ROWS = (
     "keras_lora",
@@ -53,6 +57,7 @@ ROWS = (
     "dora",
     "dora_detach_norm",
     "bidora_first_order_k1",
+    "bidora_first_order_proportional_k1",
     "bidora_first_order_k4",
     "bidora_darts_k1",
     "bidora_darts_k4",
@@ -141,7 +146,7 @@ def run_row(name, batch_size, sequence_length, warmup, steps):
     model = _classifier()
     cycle = 1
     if name.startswith("bidora"):
-        cycle = int(name.rpartition("_k")[2])
+        cycle = _bidora_spec(name)["upper_every"]
         warmup = math.ceil(warmup / cycle) * cycle
         steps = math.ceil(steps / cycle) * cycle
     total = warmup + steps
@@ -175,24 +180,24 @@ def run_row(name, batch_size, sequence_length, warmup, steps):
         )
         trainer = model
     else:
-        spec = name.split("_", 1)[1]
-        if spec.startswith("int8_"):
+        spec = _bidora_spec(name)
+        if spec["int8"]:
             # The frozen backbone in int8, dequantized in each adapted call.
             model.backbone.quantize("int8")
-            spec = spec.removeprefix("int8_")
-        hypergradient, _, k = spec.rpartition("_")
         trainer = keras_bidora.BiDoRAModel(
             model,
             rank=8,
             alpha=16,
-            hypergradient=hypergradient,
-            upper_every=int(k[1:]),
+            hypergradient=spec["hypergradient"],
+            upper_every=spec["upper_every"],
+            upper_batch_size=spec["upper_batch_size"],
             seed=0,
         )
         # fit holds out upper_fraction (0.2) of the samples: 5 batches of
         # samples per 4 lower steps keep both splits in whole batches, so
         # that no timed step has a short batch (on JAX, a new shape
-        # compiles again).
+        # compiles again). The upper split's batches are always full (its
+        # last one wraps around), proportional ones included.
         x, y = _data(batch_size, sequence_length, 5 * math.ceil(total / 4))
     trainer.compile(
         optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.1),
@@ -218,6 +223,43 @@ def run_row(name, batch_size, sequence_length, warmup, steps):
         "times": times,
         "steps_timed": len(timed),
         "trainable_params": trainable,
+    }
+
+
+def _bidora_spec(name):
+    """The BiDoRA settings a row's name gives.
+
+    A name is `bidora_[int8_]<hypergradient>[_proportional]_k<upper_every>`.
+
+    Example:
+
+    >>> _bidora_spec("bidora_int8_first_order_proportional_k1")["int8"]
+    True
+    """
+    words = name.split("_")
+    if words[0] != "bidora" or not words[-1][1:].isdigit():
+        raise ValueError(
+            "A BiDoRA row is named bidora_[int8_]<hypergradient>"
+            f"[_proportional]_k<upper_every>. Received: {name!r}"
+        )
+    upper_every = int(words[-1][1:])
+    words = words[1:-1]
+    int8 = words[:1] == ["int8"]
+    words = words[int8:]
+    proportional = words[-1:] == [UPPER_BATCH_SIZE_PROPORTIONAL]
+    words = words[: len(words) - proportional]
+    hypergradient = "_".join(words)
+    if hypergradient not in HYPERGRADIENTS:
+        raise ValueError(
+            f"The row {name!r} names no hypergradient of {HYPERGRADIENTS}."
+        )
+    return {
+        "int8": int8,
+        "hypergradient": hypergradient,
+        "upper_every": upper_every,
+        "upper_batch_size": UPPER_BATCH_SIZE_PROPORTIONAL
+        if proportional
+        else None,
     }
 
 

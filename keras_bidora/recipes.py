@@ -138,6 +138,7 @@ def finetune(
     hypergradient=config.HYPERGRADIENT,
     upper_fraction=config.UPPER_FRACTION,
     upper_every=config.UPPER_EVERY,
+    upper_batch_size=config.UPPER_BATCH_SIZE,
     direction_regularization=config.DIRECTION_REGULARIZATION,
     epochs=config.EPOCHS,
     retrain_epochs=config.RETRAIN_EPOCHS,
@@ -199,6 +200,10 @@ def finetune(
             magnitudes ("bidora").
         upper_every: one magnitude step every this many direction steps
             ("bidora").
+        upper_batch_size: the magnitudes' batch size ("bidora"): a
+            positive integer, `None` (`batch_size`) or `"proportional"`
+            (`batch_size * upper_fraction / (1 - upper_fraction)`, rounded,
+            at least 1: 8 at 32 and 0.2), see `BiDoRAModel`.
         direction_regularization: the orthogonality penalty's coefficient
             ("dora", "bidora").
         epochs: epochs of training (of the bi-level phase for "bidora").
@@ -272,6 +277,7 @@ def finetune(
         hypergradient=hypergradient,
         upper_fraction=upper_fraction,
         upper_every=upper_every,
+        upper_batch_size=upper_batch_size,
         direction_regularization=direction_regularization,
         epochs=epochs,
         retrain_epochs=retrain_epochs,
@@ -367,6 +373,7 @@ class _Settings:
     hypergradient: str
     upper_fraction: float
     upper_every: int
+    upper_batch_size: object
     direction_regularization: float
     epochs: int
     retrain_epochs: int
@@ -403,6 +410,7 @@ def _adapt(model, settings):
         upper_fraction=settings.upper_fraction,
         hypergradient=settings.hypergradient,
         upper_every=settings.upper_every,
+        upper_batch_size=settings.upper_batch_size,
         direction_regularization=settings.direction_regularization,
         method="dora" if settings.method == "dora" else "bidora",
         seed=settings.seed,

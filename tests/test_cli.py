@@ -96,6 +96,22 @@ def test_help_explains_every_option(capsys):
     assert "train" in capsys.readouterr().out
 
 
+def test_upper_batch_size_reaches_finetune():
+    from keras_bidora.cli import inputs
+
+    parser = cli.build_parser()
+    for flags, expected in (
+        ([], None),
+        (["--upper-batch-size", "8"], 8),
+        (["--upper-batch-size", "proportional"], "proportional"),
+    ):
+        args = parser.parse_args(
+            ["train", "--task", "sst2", "--out", "unused", *flags]
+        )
+        settings = inputs.recipe_settings(args)
+        assert settings["upper_batch_size"] == expected, flags
+
+
 # Bad input --------------------------------------------------------------
 
 
@@ -158,6 +174,11 @@ BAD_INPUT = {
     "bad number": (
         lambda f: ["train", "--task", "sst2", "--rank", "0"],
         "argument --rank: expected a positive integer",
+    ),
+    "bad upper batch size": (
+        lambda f: ["train", "--task", "sst2", "--upper-batch-size", "half"],
+        "argument --upper-batch-size: expected a positive integer or "
+        "'proportional', got 'half'",
     ),
     "bad choice": (
         lambda f: ["train", "--task", "sst2", "--backend", "numpy"],

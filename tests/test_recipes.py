@@ -223,6 +223,10 @@ class FinetuneTest(TestCase):
             (dict(method="adalora"), "'adalora'"),
             (dict(method="lora", loss=None), "loss=None"),
             (dict(method="bidora", retrain_init="warm"), "'warm'"),
+            (
+                dict(method="bidora", upper_batch_size="half"),
+                "upper_batch_size='half'",
+            ),
             (dict(method="keras-lora", dropout=0.1), "dropout=0.1"),
             (dict(method="keras-lora", targets=["nothing"]), "nothing"),
             (dict(method="lora", targets=["nothing"]), "nothing"),

@@ -208,3 +208,28 @@ class SpeedBenchmarkTest(TestCase):
             rows["bidora_first_order_k1"]["ratio_to_keras_lora"], 2.818
         )
         self.assertNotIn("ratio_to_dora", rows["dora"])
+
+    def test_every_bidora_row_name_parses(self):
+        expected = {
+            "bidora_first_order_k4": ("first_order", 4, False, None),
+            "bidora_darts_forward_k1": ("darts_forward", 1, False, None),
+            "bidora_int8_first_order_k1": ("first_order", 1, True, None),
+            "bidora_first_order_proportional_k1": (
+                "first_order",
+                1,
+                False,
+                "proportional",
+            ),
+        }
+        for name, (hypergradient, every, int8, upper) in expected.items():
+            spec = speed._bidora_spec(name)
+            self.assertEqual(spec["hypergradient"], hypergradient, msg=name)
+            self.assertEqual(spec["upper_every"], every, msg=name)
+            self.assertEqual(spec["int8"], int8, msg=name)
+            self.assertEqual(spec["upper_batch_size"], upper, msg=name)
+        for name in speed.ROWS:
+            if name.startswith("bidora"):
+                speed._bidora_spec(name)
+        for name in ("bidora_first_order", "bidora_implicit_k1"):
+            with self.assertRaisesRegex(ValueError, name):
+                speed._bidora_spec(name)

@@ -188,6 +188,7 @@ def recipe_settings(args):
         hypergradient=args.hypergradient,
         upper_fraction=args.upper_fraction,
         upper_every=args.upper_every,
+        upper_batch_size=args.upper_batch_size,
         direction_regularization=args.direction_regularization,
         epochs=args.epochs,
         retrain_epochs=args.retrain_epochs,

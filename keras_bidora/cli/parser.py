@@ -57,6 +57,18 @@ _fraction = _number_type(
 _dropout = _number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def _upper_batch_size(text):
+    if text == config.UPPER_BATCH_SIZE_PROPORTIONAL:
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            "expected a positive integer or "
+            f"{config.UPPER_BATCH_SIZE_PROPORTIONAL!r}, got {text!r}"
+        ) from None
+
+
 def _sequence_length(text):
     value = _positive_int(text)
     if value < 8:
@@ -185,6 +197,16 @@ def _add_bilevel(parser):
         type=_positive_int,
         default=config.UPPER_EVERY,
         help="one magnitude step every this many direction steps (%(default)s)",
+    )
+    bilevel.add_argument(
+        "--upper-batch-size",
+        type=_upper_batch_size,
+        default=config.UPPER_BATCH_SIZE,
+        metavar=f"{{N,{config.UPPER_BATCH_SIZE_PROPORTIONAL}}}",
+        help="bidora only: the magnitudes' batch size: N, or "
+        f"{config.UPPER_BATCH_SIZE_PROPORTIONAL} (batch size x "
+        "upper-fraction / (1 - upper-fraction), 8 at 32 and 0.2: each split "
+        "read about once per epoch) (default: --batch-size)",
     )
     bilevel.add_argument(
         "--direction-regularization",

@@ -108,13 +108,17 @@ class StreamSource:
     """An upper split read from a `tf.data.Dataset` as the steps need it.
 
     Each epoch restarts the dataset (repeated when it runs out); a batch
-    serves every lower step of its upper period.
+    serves every lower step of its upper period. The batches are the
+    dataset's own, or with a `batch_size` regrouped to that size.
     """
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, batch_size=None):
         if int(dataset.cardinality()) == 0:
             raise ValueError("upper_data is an empty dataset.")
-        self.dataset = dataset.repeat()
+        if batch_size is None:
+            self.dataset = dataset.repeat()
+        else:
+            self.dataset = regrouped_stream(dataset, batch_size)
 
     def __len__(self):
         return 2**31
@@ -129,6 +133,74 @@ class StreamSource:
             self._index = index
             self._batch = _numpy_batch(next(self._iterator))
         return self._batch
+
+
+class RegroupedSource:
+    """A source's batches regrouped into batches of `batch_size` samples.
+
+    Each epoch reads the source's batches in its epoch order, cycling when
+    they run out, and cuts them into full batches of `min(batch_size,
+    samples in the source)`, so that every upper batch of a `PyDataset` has
+    one shape. A batch serves every lower step of its upper period; the
+    batches are read in order, as `StreamSource`'s.
+    """
+
+    def __init__(self, source, batch_size):
+        self.source = source
+        self.batch_size = batch_size
+
+    def __len__(self):
+        return 2**31
+
+    def order(self, epoch):
+        self._source_order = self.source.order(epoch)
+        self._reads = 0
+        self._samples_read = 0
+        self._pending = None
+        self._index = None
+        return None
+
+    def batch(self, index, order):
+        if index != self._index:
+            self._index = index
+            self._batch = self._next_batch()
+        return self._batch
+
+    def _next_batch(self):
+        while self._pending_size() < self._width():
+            self._read_one()
+        width = self._width()
+        batch = _take(self._pending, slice(0, width))
+        self._pending = _take(self._pending, slice(width, None))
+        return batch
+
+    def _width(self):
+        # The source's size is known once a whole cycle has been read.
+        if self._reads < len(self.source):
+            return self.batch_size
+        if not self._samples_read:
+            raise ValueError("The upper split holds no samples.")
+        return min(self.batch_size, self._samples_read)
+
+    def _read_one(self):
+        read = self.source.batch(
+            self._reads % len(self.source), self._source_order
+        )
+        if self._reads < len(self.source):
+            self._samples_read += _num_samples(read)
+        self._reads += 1
+        self._pending = _concatenated(self._pending, read)
+
+    def _pending_size(self):
+        return 0 if self._pending is None else _num_samples(self._pending)
+
+
+def _concatenated(first, second):
+    if first is None:
+        return second
+    return keras.tree.map_structure(
+        lambda a, b: np.concatenate([a, b]), first, second
+    )
 
 
 def _numpy_batch(batch):
@@ -157,16 +229,20 @@ def split_sources(
     permutation puts `upper_fraction` of them in the upper split. A
     `PyDataset` is split the same way by batches, which are read when a
     step needs them. With `upper_data`, all of `x` is lower data.
+
+    The upper batches of arrays have `upper_batch_size` samples (None:
+    `batch_size`); those of a `PyDataset` are its own batches, or with an
+    `upper_batch_size` regrouped to that size (`RegroupedSource`).
     """
-    upper_batch_size = upper_batch_size or batch_size
     if isinstance(x, keras.utils.PyDataset):
         check_no_labels(y, sample_weight)
         count = _py_dataset_length(x, "x")
         if upper_data is None:
             lower, upper = split_indices(count, upper_fraction, seed)
+            upper = BatchSource(x, upper, shuffle, seed)
             return (
                 BatchSource(x, lower, shuffle, seed),
-                BatchSource(x, upper, shuffle, seed),
+                _regrouped(upper, upper_batch_size),
             )
         lower = BatchSource(x, range(count), shuffle, seed)
     else:
@@ -175,13 +251,19 @@ def split_sources(
                 (x, y, sample_weight),
                 upper_fraction,
                 batch_size,
-                upper_batch_size,
+                upper_batch_size or batch_size,
                 shuffle,
                 seed,
             )
         lower = ArraySource(x, y, sample_weight, batch_size, shuffle, seed)
-    upper = upper_source(upper_data, upper_batch_size, shuffle, seed + 1)
+    upper = upper_source(
+        upper_data, upper_batch_size, batch_size, shuffle, seed + 1
+    )
     return lower, upper
+
+
+def _regrouped(source, batch_size):
+    return source if batch_size is None else RegroupedSource(source, batch_size)
 
 
 def check_no_labels(y, sample_weight):
@@ -251,14 +333,21 @@ def _split_arrays(
     return lower, upper
 
 
-def upper_source(upper_data, batch_size, shuffle, seed):
+def upper_source(upper_data, upper_batch_size, batch_size, shuffle, seed):
+    """The source of an explicit `upper_data`.
+
+    A dataset's upper batches are its own, or with an `upper_batch_size`
+    regrouped to that size; arrays are cut into batches of
+    `upper_batch_size` (None: `batch_size`) samples.
+    """
     if is_tf_dataset(upper_data):
-        return StreamSource(upper_data)
+        return StreamSource(upper_data, upper_batch_size)
     if isinstance(upper_data, keras.utils.PyDataset):
         count = _py_dataset_length(upper_data, "upper_data")
         if not count:
             raise ValueError("upper_data is an empty dataset.")
-        return BatchSource(upper_data, range(count), shuffle, seed)
+        source = BatchSource(upper_data, range(count), shuffle, seed)
+        return _regrouped(source, upper_batch_size)
     if not isinstance(upper_data, (tuple, list)) or len(upper_data) not in (
         1,
         2,
@@ -276,7 +365,13 @@ def upper_source(upper_data, batch_size, shuffle, seed):
     if _num_samples((x, y, sample_weight)) == 0:
         raise ValueError("upper_data holds no samples.")
     return ArraySource(
-        x, y, sample_weight, batch_size, shuffle, seed, full_batches=True
+        x,
+        y,
+        sample_weight,
+        upper_batch_size or batch_size,
+        shuffle,
+        seed,
+        full_batches=True,
     )
 
 
@@ -412,13 +507,10 @@ def stream(
             tf.data.experimental.assert_cardinality(lower_units)
         )
     if is_batched(dataset if upper_data is None else upper_data):
-        upper_batch_size = upper_batch_size or _first_batch_size(upper)
-        upper = upper.unbatch()
+        upper_batch_size = upper_batch_size or first_batch_size(upper)
     else:
         upper_batch_size = upper_batch_size or batch_size
-    # Batched after repeating: every upper batch is full, so that a
-    # compiled step sees one upper batch shape.
-    upper = upper.repeat().batch(upper_batch_size, drop_remainder=True)
+    upper = regrouped_stream(upper, upper_batch_size)
     if preprocess is not None:
         lower = lower.map(_unpacked(preprocess))
         upper = upper.map(_unpacked(preprocess))
@@ -441,12 +533,27 @@ def stream(
     return combined.prefetch(tf.data.AUTOTUNE)
 
 
-def _first_batch_size(dataset):
-    """The leading dimension of a batched dataset's first batch."""
+def first_batch_size(dataset):
+    """The samples in the first batch of a `PyDataset` or batched dataset."""
+    if isinstance(dataset, keras.utils.PyDataset):
+        return _num_samples(_numpy_batch(dataset[0]))
     import tensorflow as tf
 
     first = tf.nest.flatten(next(iter(dataset.take(1))))[0]
     return int(first.shape[0])
+
+
+def regrouped_stream(dataset, batch_size):
+    """An endless stream of `dataset`'s samples in full batches.
+
+    Batched after repeating, so that a short last batch wraps around the
+    stream's start and a compiled step sees one upper batch shape.
+    """
+    from keras_bidora.training.raw_inputs import is_batched
+
+    if is_batched(dataset):
+        dataset = dataset.unbatch()
+    return dataset.repeat().batch(batch_size, drop_remainder=True)
 
 
 def _unpacked(preprocess):

@@ -15,6 +15,7 @@ from keras_bidora.training.bilevel_dataset import Batches
 from keras_bidora.training.bilevel_dataset import BatchSource
 from keras_bidora.training.bilevel_dataset import BiLevelDataset
 from keras_bidora.training.bilevel_dataset import check_no_labels
+from keras_bidora.training.bilevel_dataset import first_batch_size
 from keras_bidora.training.bilevel_dataset import split_sources
 from keras_bidora.training.bilevel_dataset import stream
 
@@ -50,7 +51,9 @@ def bilevel_data(
         upper_data: `fit`'s `upper_data`, or None.
         batch_size: the lower batch size (of arrays, or of an unbatched
             dataset).
-        upper_batch_size: the upper batch size, or None for `batch_size`.
+        upper_batch_size: the upper batch size, `"proportional"`, or None
+            for the model's `upper_batch_size` (None there: `batch_size`,
+            or a dataset's own batches).
         shuffle: reshuffle arrays and `PyDataset` batches at each epoch.
 
     Returns:
@@ -60,7 +63,12 @@ def bilevel_data(
     raw = _check(model.model, x, y, upper_data)
     x = raw_inputs.as_arrays(x)
     batch_size = batch_size or config.BATCH_SIZE
-    requested_upper_batch_size = upper_batch_size or model.upper_batch_size
+    requested_upper_batch_size = _resolved_upper_batch_size(
+        upper_batch_size or model.upper_batch_size,
+        x,
+        batch_size,
+        model.upper_fraction,
+    )
     upper_batch_size = requested_upper_batch_size or batch_size
     upper_data = _as_arrays_or_dataset(upper_data)
     if raw_inputs.is_tf_dataset(x):
@@ -88,13 +96,31 @@ def bilevel_data(
         upper_data,
         model.upper_fraction,
         batch_size,
-        upper_batch_size,
+        requested_upper_batch_size,
         shuffle,
         model.seed,
     )
     transform = raw_inputs.batch_transform(model.model, raw)
     data = BiLevelDataset(lower, upper, model.upper_every, transform)
     return Prepared(data, data[0][0], epoch_setter=data)
+
+
+def _resolved_upper_batch_size(upper_batch_size, x, batch_size, fraction):
+    """An integer upper batch size, or None, for `"proportional"` too.
+
+    `"proportional"` is relative to the lower batch size: `batch_size` for
+    arrays and unbatched datasets, the first batch's size for a batched
+    `tf.data.Dataset` or a `PyDataset`. It takes `upper_fraction`'s ratio
+    even when `upper_data` is given, so that the size does not depend on
+    reading (or knowing the length of) a stream.
+    """
+    if upper_batch_size != config.UPPER_BATCH_SIZE_PROPORTIONAL:
+        return upper_batch_size
+    if isinstance(x, keras.utils.PyDataset):
+        batch_size = first_batch_size(x)
+    elif raw_inputs.is_tf_dataset(x) and raw_inputs.is_batched(x):
+        batch_size = first_batch_size(x)
+    return config.proportional_upper_batch_size(batch_size, fraction)
 
 
 def plain_data(model, x, y, sample_weight, batch_size, shuffle, what="x"):

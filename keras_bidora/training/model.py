@@ -104,7 +104,15 @@ class BiDoRAModel(keras.Model):
             `"darts_forward"` (a one-sided difference: one pass fewer per
             upper step, O(eps) error) or `"neumann"`.
         upper_every: an upper step every this many lower steps.
-        upper_batch_size: batch size of the upper level; defaults to fit's.
+        upper_batch_size: batch size of the upper level: a positive
+            integer, None (fit's `batch_size`, or a dataset's first batch's
+            size) or `"proportional"`, batches in the ratio of the two
+            splits' sizes: `max(1, round(batch_size * upper_fraction /
+            (1 - upper_fraction)))` samples (8 at 32 and 0.2), so that an
+            epoch at `upper_every=1` reads the upper split about once
+            instead of `(1 - upper_fraction) / upper_fraction` times. With
+            `upper_data` given, `"proportional"` still takes
+            `upper_fraction`'s ratio.
         direction_regularization: coefficient of the orthogonality penalty
             in the lower loss (the paper: 1e-5 or 0).
         neumann_terms: number of Neumann terms for `hypergradient="neumann"`.
@@ -143,7 +151,7 @@ class BiDoRAModel(keras.Model):
         upper_fraction=config.UPPER_FRACTION,
         hypergradient=config.HYPERGRADIENT,
         upper_every=config.UPPER_EVERY,
-        upper_batch_size=None,
+        upper_batch_size=config.UPPER_BATCH_SIZE,
         direction_regularization=config.DIRECTION_REGULARIZATION,
         neumann_terms=config.NEUMANN_TERMS,
         method=config.METHOD,
@@ -384,8 +392,9 @@ class BiDoRAModel(keras.Model):
                 given, all of `x, y` is lower data; otherwise `fit` holds out
                 `upper_fraction` of `x, y` (seeded by `seed`). A dataset `x`
                 is read once into memory and split by batches.
-            upper_batch_size: the upper level's batch size; defaults to the
-                model's `upper_batch_size`, then to `batch_size`.
+            upper_batch_size: the upper level's batch size (a positive
+                integer or `"proportional"`, as the model's); defaults to
+                the model's `upper_batch_size`, then to `batch_size`.
 
         `validation_data` is for evaluation only; it never feeds the upper
         level. An epoch is one pass over the lower split.
@@ -393,6 +402,7 @@ class BiDoRAModel(keras.Model):
         Returns:
             A `keras.callbacks.History`.
         """
+        _check_upper_batch_size(upper_batch_size)
         callbacks = list(callbacks or [])
         # The variable lists a step reads are gathered anew for each fit.
         self._partition = None
@@ -805,6 +815,29 @@ def _split_tail(arrays, fraction):
     return head, tuple(a for a in tail if a is not None)
 
 
+def _check_upper_batch_size(upper_batch_size):
+    """Raises a `ValueError` unless `upper_batch_size` is one it takes.
+
+    Those are a positive integer, None (the lower batch size) and
+    `config.UPPER_BATCH_SIZE_PROPORTIONAL`.
+    """
+    if upper_batch_size is None:
+        return
+    if upper_batch_size == config.UPPER_BATCH_SIZE_PROPORTIONAL:
+        return
+    if (
+        isinstance(upper_batch_size, int)
+        and not isinstance(upper_batch_size, bool)
+        and upper_batch_size >= 1
+    ):
+        return
+    raise ValueError(
+        "upper_batch_size must be a positive integer, None (the lower "
+        f"batch size) or {config.UPPER_BATCH_SIZE_PROPORTIONAL!r}. "
+        f"Received: upper_batch_size={upper_batch_size!r}"
+    )
+
+
 def _check_arguments(
     upper_fraction,
     hypergradient,
@@ -832,13 +865,7 @@ def _check_arguments(
             "upper_every must be a positive integer. Received: "
             f"upper_every={upper_every}"
         )
-    if upper_batch_size is not None and (
-        not isinstance(upper_batch_size, int) or upper_batch_size < 1
-    ):
-        raise ValueError(
-            "upper_batch_size must be a positive integer or None. "
-            f"Received: upper_batch_size={upper_batch_size}"
-        )
+    _check_upper_batch_size(upper_batch_size)
     if not (
         isinstance(direction_regularization, (int, float))
         and direction_regularization >= 0
