@@ -101,6 +101,15 @@ WEIGHT_DECAY = 0.0
 SEQUENCE_LENGTHS = {"sst2": 64, "cola": 64}
 SEQUENCE_LENGTH = 128
 EVALUATION_BATCH_SIZE = 64
+# How a classification or regression head reads the backbone: its pooled
+# output (KerasHub's `TextClassifier`: the first token, through BERT's
+# pooler) or the mean of its sequence output over the padding mask, the
+# pooling sentence-transformers models such as MiniLM-L6 were trained with.
+POOLINGS = ("cls", "mean")
+POOLING = "cls"
+# Early stopping (`recipes.finetune(early_stopping_patience=N)`): the share
+# of the training data held out to watch, never the dev data.
+EARLY_STOPPING_FRACTION = 0.1
 
 
 def sequence_length(task):

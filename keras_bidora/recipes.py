@@ -46,6 +46,10 @@ class FinetuneResult:
             are "bilevel" and "retrain" for "bidora", "train" otherwise.
         batch_loss: phase name -> the training loss of each batch.
         steps: phase name -> the number of training steps.
+        best_epochs: phase name -> the epoch (from 1) whose weights early
+            stopping restored; empty without early stopping.
+        stopping_loss: phase name -> that epoch's loss on the held-out
+            part of the training data; empty without early stopping.
         wall_time_s: `{"train": seconds, "per_phase": {phase: seconds}}`.
         parameters: `{"trainable", "magnitude", "direction",
             "head_and_other", "total"}` parameter counts.
@@ -77,6 +81,13 @@ class FinetuneResult:
         self.history = {p["phase"]: p["epochs"] for p in recorder.phases}
         self.batch_loss = {p["phase"]: p["batch_loss"] for p in recorder.phases}
         self.steps = {p["phase"]: p["steps"] for p in recorder.phases}
+        stopped = [p for p in recorder.phases if "early_stopping" in p]
+        self.best_epochs = {
+            p["phase"]: p["early_stopping"].best_epoch + 1 for p in stopped
+        }
+        self.stopping_loss = {
+            p["phase"]: float(p["early_stopping"].best) for p in stopped
+        }
         self.wall_time_s = {
             "train": train_time,
             "per_phase": {
@@ -100,8 +111,9 @@ class FinetuneResult:
         """The run as JSON-ready data (a fresh copy).
 
         Keys: `method`, `dev` (`dev_metrics`), `wall_time_s`, `steps`,
-        `epochs` (`history`), `batch_loss`, `parameters` and, when the
-        model was merged, `merge_max_abs_difference`.
+        `best_epochs`, `stopping_loss`, `epochs` (`history`), `batch_loss`,
+        `parameters` and, when the model was merged,
+        `merge_max_abs_difference`.
         """
         result = {
             "method": self.method,
@@ -111,6 +123,8 @@ class FinetuneResult:
                 "per_phase": dict(self.wall_time_s["per_phase"]),
             },
             "steps": dict(self.steps),
+            "best_epochs": dict(self.best_epochs),
+            "stopping_loss": dict(self.stopping_loss),
             "epochs": {
                 phase: {key: list(values) for key, values in logs.items()}
                 for phase, logs in self.history.items()
@@ -155,6 +169,8 @@ def finetune(
     score=None,
     verbose=1,
     callbacks=(),
+    early_stopping_patience=None,
+    early_stopping_fraction=config.EARLY_STOPPING_FRACTION,
     log=print,
 ):
     """Fine-tunes a KerasHub task with one method's adapters.
@@ -177,6 +193,15 @@ def finetune(
     weight_decay)` (the magnitudes with `upper_learning_rate`). The dev
     data is Keras's `validation_data` (unless `validation=False`) and is
     predicted once at the end, by the merged model when `merge`.
+
+    With `early_stopping_patience`, a seeded `early_stopping_fraction` of
+    the training data is held out (never the dev data): every phase trains
+    on the rest, watches its loss on the held-out part (Keras's
+    `validation_data`, so `history` holds it as `val_loss`), stops after
+    `early_stopping_patience` epochs without improvement and restores the
+    weights of its best epoch (`keras.callbacks.EarlyStopping`);
+    `epochs` and `retrain_epochs` are then maxima. The dev data is then
+    only predicted at the end.
 
     Args:
         model: a built `keras.Model` (a KerasHub task, or any model with a
@@ -226,6 +251,12 @@ def finetune(
         score: a function of the dev outputs returning a dict of metrics.
         verbose: `fit`'s verbosity.
         callbacks: Keras callbacks added to every phase's `fit`.
+        early_stopping_patience: `None` (train every epoch), or a positive
+            integer: stop a phase after this many epochs without a lower
+            loss on the held-out part of the training data, and restore
+            its best epoch's weights.
+        early_stopping_fraction: the share of the training data held out
+            for early stopping, in (0, 1); seeded by `seed`.
         log: a function of one string for progress lines (`None`: silent).
 
     Returns:
@@ -264,6 +295,11 @@ def finetune(
     """
     _check_arguments(method, retrain_init, loss, dropout)
     _check_raw_inputs(method, train)
+    stopping = None
+    if early_stopping_patience is not None:
+        train, stopping = hold_out(
+            train, early_stopping_fraction, seed, early_stopping_patience
+        )
     log = log or (lambda message: None)
     if not isinstance(model, keras.Model):
         keras.utils.set_random_seed(seed)
@@ -296,16 +332,18 @@ def finetune(
         f"{parameters['head_and_other']:,})"
     )
     x, y, *sample_weight = train
+    if stopping is None and validation and dev is not None:
+        stopping = tuple(dev)
     fit_kwargs = dict(
         batch_size=batch_size,
-        validation_data=tuple(dev) if validation and dev is not None else None,
+        validation_data=stopping,
         verbose=verbose,
         **({"sample_weight": sample_weight[0]} if sample_weight else {}),
     )
     compile_kwargs = {"loss": loss}
     if metrics is not None:
         compile_kwargs["metrics"] = metrics
-    recorder = _Recorder(callbacks)
+    recorder = _Recorder(callbacks, early_stopping_patience)
     start = time.perf_counter()
     if method == "bidora":
         _train_bilevel(
@@ -325,6 +363,98 @@ def finetune(
     return FinetuneResult(
         method, trained, recorder, train_time, parameters, *result
     )
+
+
+def hold_out(train, fraction, seed, patience=1):
+    """Splits `train` into the part to fit and the part early stopping
+    watches.
+
+    A seeded permutation holds out `max(1, round(fraction * n))` of the `n`
+    examples (at least one is kept to fit), in their original order.
+
+    Args:
+        train: `(x, y)` or `(x, y, sample_weight)`, each an array, a list,
+            or a dict or tuple of them (e.g. token-id dicts, raw strings,
+            sentence pairs), with one row per example; `y` may be `None`.
+        fraction: the share held out, in (0, 1).
+        seed: seeds the permutation.
+        patience: `finetune`'s `early_stopping_patience`, checked here.
+
+    Returns:
+        `(fitted, held_out)`, each a tuple of the same structure.
+
+    Raises:
+        ValueError: for a `fraction` outside (0, 1), a `patience` that is
+            not a positive integer, data that cannot be indexed by example
+            (a `tf.data.Dataset`, a `PyDataset`), or fewer than 2 examples.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_bidora import recipes
+    >>> fitted, held_out = recipes.hold_out(
+    ...     (np.arange(10), np.arange(10) % 2), 0.2, seed=0)
+    >>> len(fitted[0]), len(held_out[0])
+    (8, 2)
+    """
+    if (
+        isinstance(patience, bool)
+        or not isinstance(patience, int)
+        or (patience < 1)
+    ):
+        raise ValueError(
+            "early_stopping_patience must be None or a positive integer. "
+            f"Received: early_stopping_patience={patience!r}"
+        )
+    if not 0 < fraction < 1:
+        raise ValueError(
+            "early_stopping_fraction must be in (0, 1). Received: "
+            f"early_stopping_fraction={fraction!r}"
+        )
+    leaves = [leaf for leaf in _leaves(train) if leaf is not None]
+    if not leaves or not all(hasattr(leaf, "__getitem__") for leaf in leaves):
+        kinds = ", ".join(sorted({type(leaf).__name__ for leaf in leaves}))
+        raise ValueError(
+            "Early stopping holds out examples of arrays, lists or dicts "
+            "of them; split a dataset yourself and pass it as validation "
+            f"data instead. Received: training data of type(s) {kinds}"
+        )
+    count = len(leaves[0])
+    if count < 2:
+        raise ValueError(
+            "Early stopping needs at least 2 training examples to hold one "
+            f"out. Received: {count} example(s)"
+        )
+    held = min(count - 1, max(1, round(fraction * count)))
+    order = np.random.default_rng(seed).permutation(count)
+    held_out = np.sort(order[:held])
+    fitted = np.sort(order[held:])
+
+    return _rows(tuple(train), fitted), _rows(tuple(train), held_out)
+
+
+def _leaves(data):
+    """The per-example arrays of `data`: dicts and tuples are structure
+    (token-id dicts, sentence pairs, `(x, y)`); a list is one array (of
+    strings, say)."""
+    if isinstance(data, dict):
+        return [leaf for value in data.values() for leaf in _leaves(value)]
+    if isinstance(data, tuple):
+        return [leaf for value in data for leaf in _leaves(value)]
+    return [data]
+
+
+def _rows(data, indices):
+    """`data` (as `_leaves` reads it) at the example `indices`."""
+    if isinstance(data, dict):
+        return {key: _rows(value, indices) for key, value in data.items()}
+    if isinstance(data, tuple):
+        return tuple(_rows(value, indices) for value in data)
+    if data is None:
+        return None
+    if isinstance(data, list):
+        data = np.asarray(data)
+    return data[indices]
 
 
 def _check_arguments(method, retrain_init, loss, dropout):
@@ -635,12 +765,14 @@ class _Recorder:
     """Collects losses per batch and per epoch, steps and wall time across
     the phases of a run."""
 
-    def __init__(self, callbacks):
+    def __init__(self, callbacks, early_stopping_patience=None):
         self.phases = []
         self.extra_callbacks = list(callbacks)
+        self.early_stopping_patience = early_stopping_patience
 
     def callbacks(self, phase):
-        """A phase's `fit` callbacks: its recorder, then the caller's."""
+        """A phase's `fit` callbacks: its recorder, the caller's, then early
+        stopping (which restores the best epoch's weights at the end)."""
         record = {
             "phase": phase,
             "batch_loss": [],
@@ -649,7 +781,15 @@ class _Recorder:
             "wall_time_s": 0.0,
         }
         self.phases.append(record)
-        return [_RecordingCallback(record), *self.extra_callbacks]
+        callbacks = [_RecordingCallback(record), *self.extra_callbacks]
+        if self.early_stopping_patience is not None:
+            record["early_stopping"] = keras.callbacks.EarlyStopping(
+                monitor="val_loss",
+                patience=self.early_stopping_patience,
+                restore_best_weights=True,
+            )
+            callbacks.append(record["early_stopping"])
+        return callbacks
 
 
 class _RecordingCallback(keras.callbacks.Callback):

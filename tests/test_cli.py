@@ -420,15 +420,24 @@ def test_train_dora_regression(tmp_path, capsys):
     out = tmp_path / "run"
     code, _, stderr = run_main(
         capsys, "train", "--task", "stsb", "--method", "dora",
-        "--out", out, "--no-validation", *TINY,
+        "--out", out, "--no-validation", *TINY, "--epochs", "4",
+        "--pooling", "mean", "--early-stopping-patience", "1",
     )  # fmt: skip
     assert code == 0, stderr
     metrics, scores = reload_and_score(out)
     assert list(metrics["dev"]) == ["pearson", "spearmanr"]
     assert scores == pytest.approx(metrics["dev"], abs=1e-5)
     assert metrics["parameters"]["magnitude"] > 0
-    assert set(metrics["epochs"]["train"]) >= {"loss"}
-    assert "val_loss" not in metrics["epochs"]["train"]
+    # The head averages the tokens; early stopping watched the held-out
+    # training data (val_loss) and kept its best epoch.
+    model = keras.saving.load_model(out / "model.keras")
+    assert model.get_layer("mean_pooling") is not None
+    watched = metrics["epochs"]["train"]["val_loss"]
+    assert 2 <= len(watched) <= 4
+    best = int(np.argmin(watched))
+    assert metrics["best_epochs"] == {"train": best + 1}
+    assert metrics["stopping_loss"]["train"] == pytest.approx(watched[best])
+    assert len(watched) == 4 or len(watched) == best + 2
 
 
 @pytest.mark.large

@@ -277,3 +277,62 @@ def test_encoder_token_classification():
     predictions = encoder.decode(outputs, data.texts)
     assert predictions[0].tolist() == [3, 0, 0, 0, 0, 0, 0, 0, 0]
     assert len(predictions[1]) == 2
+
+
+# Heads --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_preset(tmp_path_factory):
+    import keras_hub
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=50,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=12,
+    )
+    folder = str(tmp_path_factory.mktemp("tiny_bert"))
+    backbone.save_to_preset(folder)
+    return folder
+
+
+def test_mean_pooled_head_averages_the_unpadded_tokens(tiny_preset, tmp_path):
+    import keras
+
+    from keras_bidora import BiDoRAModel
+    from keras_bidora.data import build_model
+
+    spec = get_task_spec("mrpc")
+    model, backbone = build_model(spec, tiny_preset, pooling="mean")
+    assert model.backbone is backbone
+    rng = np.random.default_rng(0)
+    lengths = np.array([3, 12, 7])
+    mask = np.arange(12)[None, :] < lengths[:, None]
+    x = {
+        "token_ids": rng.integers(1, 50, (3, 12)) * mask,
+        "segment_ids": np.zeros((3, 12), "int32"),
+        "padding_mask": mask,
+    }
+    sequence = keras.ops.convert_to_numpy(backbone(x)["sequence_output"])
+    pooled = np.stack([sequence[i, :n].mean(0) for i, n in enumerate(lengths)])
+    kernel, bias = model.get_layer("logits").get_weights()
+    expected = pooled @ kernel + bias
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=1e-5)
+    # Adapted, saved and loaded, it predicts the same.
+    adapted = BiDoRAModel(model, rank=2)
+    path = str(tmp_path / "mean.keras")
+    adapted.save(path)
+    restored = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        keras.Model.predict(restored, x, verbose=0), expected, atol=1e-5
+    )
+
+
+def test_build_model_refuses_an_unknown_pooling(tiny_preset):
+    from keras_bidora.data import build_model
+
+    with pytest.raises(ValueError, match="pooling='max'"):
+        build_model(get_task_spec("mrpc"), tiny_preset, pooling="max")

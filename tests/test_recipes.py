@@ -56,7 +56,7 @@ DEV = make_data(16, seed=2)
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def finetune(model, method, **kwargs):
+def finetune(model, method, train=TRAIN, **kwargs):
     settings = dict(
         rank=RANK,
         epochs=1,
@@ -68,7 +68,7 @@ def finetune(model, method, **kwargs):
         log=None,
     )
     settings.update(kwargs)
-    return recipes.finetune(model, TRAIN, DEV, method, **settings)
+    return recipes.finetune(model, train, DEV, method, **settings)
 
 
 class MagnitudeLog(keras.callbacks.Callback):
@@ -126,6 +126,8 @@ class FinetuneTest(TestCase):
                 "dev",
                 "wall_time_s",
                 "steps",
+                "best_epochs",
+                "stopping_loss",
                 "epochs",
                 "batch_loss",
                 "parameters",
@@ -240,6 +242,149 @@ class FinetuneTest(TestCase):
                 recipes.finetune(
                     task, (texts, labels), method=method, loss="mse"
                 )
+
+
+class EpochLog(keras.callbacks.Callback):
+    """The weights and `val_loss` at the end of each epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights, self.val_loss = [], []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append([to_numpy(v) for v in self.model.weights])
+        self.val_loss.append(float(logs["val_loss"]))
+
+
+def cross_entropy(logits, labels):
+    """The mean sparse categorical cross-entropy of logits, in NumPy."""
+    logits = logits - logits.max(-1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return float(-np.mean(log_p[np.arange(len(labels)), labels]))
+
+
+class EarlyStoppingTest(TestCase):
+    def test_hold_out_is_a_seeded_partition_of_every_structure(self):
+        texts = [f"text {i}" for i in range(20)]
+        pairs = (texts, [f"second {i}" for i in range(20)])
+        x = {"token_ids": np.arange(20)[:, None] * np.ones((1, 3), int)}
+        y = np.arange(20)
+        for data in ((x, y), (texts, y), (pairs, y, y * 2.0), (texts, None)):
+            fitted, held_out = recipes.hold_out(data, 0.25, seed=4)
+            self.assertLen(fitted, len(data))
+            order = np.random.default_rng(4).permutation(20)
+            expected_out, expected_in = np.sort(order[:5]), np.sort(order[5:])
+            for part, indices in (
+                (fitted, expected_in),
+                (held_out, expected_out),
+            ):
+                first = part[0]
+                if isinstance(first, dict):
+                    self.assertAllClose(first["token_ids"][:, 0], indices)
+                elif isinstance(first, tuple):
+                    self.assertEqual(
+                        list(first[1]), [f"second {i}" for i in indices]
+                    )
+                else:
+                    self.assertEqual(
+                        list(first), [f"text {i}" for i in indices]
+                    )
+                if data[1] is None:
+                    self.assertIsNone(part[1])
+                else:
+                    self.assertAllClose(part[1], indices)
+                if len(data) == 3:
+                    self.assertAllClose(part[2], indices * 2.0)
+
+    def test_bad_early_stopping_settings_are_value_errors(self):
+        cases = [
+            (dict(early_stopping_patience=0), "early_stopping_patience=0"),
+            (
+                dict(early_stopping_patience=True),
+                "early_stopping_patience=True",
+            ),
+            (dict(early_stopping_patience=2.0), "early_stopping_patience=2.0"),
+            (
+                dict(early_stopping_patience=2, early_stopping_fraction=1.0),
+                "early_stopping_fraction=1.0",
+            ),
+        ]
+        task = build_task()
+        before = [to_numpy(v) for v in task.weights]
+        for kwargs, message in cases:
+            with self.assertRaisesRegex(ValueError, message):
+                finetune(task, "lora", **kwargs)
+        # Nothing was adapted or trained before the error.
+        self.assertLen(task.weights, len(before))
+        for value, old in zip(task.weights, before):
+            self.assertAllClose(to_numpy(value), old, atol=0)
+
+    def assert_restores_the_best_epoch(self, result, log, phase, patience):
+        losses = log.val_loss
+        best = int(np.argmin(losses))
+        self.assertEqual(result.best_epochs[phase], best + 1)
+        self.assertAllClose(result.stopping_loss[phase], losses[best])
+        # Keras stops `patience` epochs after the best one, or at the end.
+        self.assertLen(losses, min(best + 1 + patience, 12))
+        self.assertLen(result.model.weights, len(log.weights[best]))
+        for restored, kept in zip(result.model.weights, log.weights[best]):
+            self.assertAllClose(to_numpy(restored), kept, atol=0)
+
+    def stopped_run(self, method, patience, **kwargs):
+        """`method` on random labels (the held-out loss rises once the
+        model memorises), early stopped on a quarter of the training data;
+        `(result, epoch log, held-out part)`."""
+        rng = np.random.default_rng(0)
+        train = (TRAIN[0], rng.integers(0, 2, len(TRAIN[1])))
+        log = EpochLog()
+        result = finetune(
+            build_task,
+            method,
+            train=train,
+            epochs=12,
+            learning_rate=3e-2,
+            validation=True,
+            callbacks=[log],
+            early_stopping_patience=patience,
+            early_stopping_fraction=0.25,
+            **kwargs,
+        )
+        fitted, held_out = recipes.hold_out(train, 0.25, config.SEED)
+        self.assertLen(fitted[1], 48)
+        return result, log, held_out
+
+    def assert_stopping_loss_is_held_out_loss(self, result, held_out, phase):
+        # The watched loss is the held-out training data's, not dev's.
+        logits = keras.Model.predict(result.model, held_out[0], verbose=0)
+        self.assertAllClose(
+            cross_entropy(logits, held_out[1]),
+            result.stopping_loss[phase],
+            atol=1e-5,
+        )
+
+    def test_lora_stops_on_held_out_training_data_and_restores_the_best(self):
+        result, log, held_out = self.stopped_run("lora", patience=2)
+        self.assert_restores_the_best_epoch(result, log, "train", 2)
+        self.assert_stopping_loss_is_held_out_loss(result, held_out, "train")
+        self.assertEqual(result.steps["train"], 3 * len(log.val_loss))
+
+    def test_bidora_stops_each_phase(self):
+        result, log, held_out = self.stopped_run(
+            "bidora",
+            patience=1,
+            retrain_epochs=12,
+            direction_regularization=0.0,
+            merge=False,
+        )
+        self.assertEqual(sorted(result.best_epochs), ["bilevel", "retrain"])
+        bilevel = len(result.history["bilevel"]["val_loss"])
+        self.assertEqual(
+            result.history["bilevel"]["val_loss"], log.val_loss[:bilevel]
+        )
+        log.val_loss = log.val_loss[bilevel:]
+        log.weights = log.weights[bilevel:]
+        self.assert_restores_the_best_epoch(result, log, "retrain", 1)
+        self.assert_stopping_loss_is_held_out_loss(result, held_out, "retrain")
 
 
 class PrepareTest(TestCase):

