@@ -958,10 +958,10 @@ def compile_arguments(spec):
         spec: a `keras_bidora.data.TaskSpec`.
 
     Returns:
-        `{"loss": ...}` (mean squared error for regression, sparse
-        categorical cross-entropy on logits otherwise, ignoring the
-        `IGNORE` tags of token classification), with `"metrics"`
-        (accuracy) for classification.
+        `{"loss": ..., "metrics": [...]}`: mean squared error for
+        regression, sparse categorical cross-entropy on logits otherwise
+        (ignoring the `IGNORE` tags of token classification); accuracy
+        for classification, no metric otherwise.
 
     Example:
 
@@ -970,13 +970,17 @@ def compile_arguments(spec):
     >>> sorted(recipes.compile_arguments(get_task_spec("sst2")))
     ['loss', 'metrics']
     """
+    # An explicit empty list: KerasHub's `TextClassifier.compile` adds
+    # sparse categorical accuracy when given no metrics, which means
+    # nothing for regression.
     if spec.kind == "regression":
-        return {"loss": keras.losses.MeanSquaredError()}
+        return {"loss": keras.losses.MeanSquaredError(), "metrics": []}
     if spec.kind == "token_classification":
         return {
             "loss": keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True, ignore_class=preprocessing.IGNORE
-            )
+            ),
+            "metrics": [],
         }
     return {
         "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -402,4 +402,11 @@ class PrepareTest(TestCase):
         self.assertEqual(prepared.score(perfect), {"accuracy": 1.0})
         arguments = recipes.compile_arguments(get_task_spec("stsb"))
         self.assertIsInstance(arguments["loss"], keras.losses.MeanSquaredError)
-        self.assertNotIn("metrics", arguments)
+        self.assertEqual(arguments["metrics"], [])
+        # A KerasHub TextClassifier compiled with them reports no accuracy
+        # for regression (its own compile would add one).
+        task = build_task()
+        task.compile(optimizer="adam", **arguments)
+        targets = np.eye(2, dtype="float32")[TRAIN[1]]
+        history = keras.Model.fit(task, TRAIN[0], targets, verbose=0)
+        self.assertEqual(list(history.history), ["loss"])

@@ -116,9 +116,9 @@ def _resolved_upper_batch_size(upper_batch_size, x, batch_size, fraction):
     """
     if upper_batch_size != config.UPPER_BATCH_SIZE_PROPORTIONAL:
         return upper_batch_size
-    if isinstance(x, keras.utils.PyDataset):
-        batch_size = first_batch_size(x)
-    elif raw_inputs.is_tf_dataset(x) and raw_inputs.is_batched(x):
+    if isinstance(x, keras.utils.PyDataset) or (
+        raw_inputs.is_tf_dataset(x) and raw_inputs.is_batched(x)
+    ):
         batch_size = first_batch_size(x)
     return config.proportional_upper_batch_size(batch_size, fraction)
 

@@ -391,7 +391,9 @@ class BiDoRAModel(keras.Model):
                 sample_weight)`, a `tf.data.Dataset` or a `PyDataset`. When
                 given, all of `x, y` is lower data; otherwise `fit` holds out
                 `upper_fraction` of `x, y` (seeded by `seed`). A dataset `x`
-                is read once into memory and split by batches.
+                is split as it is read, never held in memory: each element
+                (each batch, when batched) goes to the upper split by a
+                seeded rule, and a `PyDataset` by batch index.
             upper_batch_size: the upper level's batch size (a positive
                 integer or `"proportional"`, as the model's); defaults to
                 the model's `upper_batch_size`, then to `batch_size`.
