@@ -39,6 +39,18 @@ cached in `--tokens` (default `OUT/tokens`); a study whose tokens are
 cached needs neither the data files nor TensorFlow, e.g. on an
 accelerator machine.
 
+`--study pilot`, `--study floors` and `--study small-data` train until a
+plateau instead (issue 27): early stopping on a seeded 10% of the training
+data (never dev), the best epoch restored, within `--max-epochs`. The
+pilot trains each method on `--pilot-size` examples at every learning
+rate of `--learning-rates` and chooses, per task and method, the one with
+the lowest loss on that held-out part; `floors` checks that LoRA learns
+each task on its full training set at its pilot learning rate;
+`small-data` compares LoRA, DoRA, BiDoRA (first_order) and BiDoRA (darts)
+on seeded subsets of 100, 300 and 1,000 examples, each method at its
+pilot learning rate. They write `OUT/pilot.md`, `OUT/floors.md`,
+`OUT/small_data.md` and `OUT/small_data.png`.
+
 Usage:
 
     # The study as committed (full GLUE training sets from ../shared/data):
@@ -49,6 +61,10 @@ Usage:
         --sequence-length stsb=64
     # Only write the tables and the plot from the runs on disk:
     python benchmarks/glue.py --report
+    # The small-data study: pilot, floors, then the study itself:
+    python benchmarks/glue.py --data-dir ../shared/data --study pilot
+    python benchmarks/glue.py --data-dir ../shared/data --study floors
+    python benchmarks/glue.py --data-dir ../shared/data --study small-data
 """
 
 import argparse
@@ -106,10 +122,71 @@ TRAIN_SIZES = (200, 1000)
 # training set, another sequence length), not a sensitivity setting: every
 # run of the task carries them, and the report shows the variant as a task
 # of its own, named with these labels.
-VARIANT_LABELS = {"train_sample": "{} sampled", "sequence_length": "{} tokens"}
+VARIANT_LABELS = {
+    "train_sample": "{} sampled",
+    "sequence_length": "{} tokens",
+    "pooling": "{} pooling",
+}
 # The seed of `--train-sample`'s sample: one sample for every method and
 # seed, so that a paired difference compares methods on the same data.
 SAMPLE_SEED = 12345
+
+# The studies that train until a plateau (issue 27), and their settings.
+PLATEAU_STUDIES = ("pilot", "floors", "small-data")
+# The pooling every study pins (another is a variant of the task), so that
+# runs made before and after a change of the library's default stay
+# comparable.
+POOLING = "cls"
+LEARNING_RATES = (5e-4, 1e-3, 2e-3, 5e-3)
+PATIENCE = 3
+# Maxima: the first phase (LoRA and DoRA's only one, BiDoRA's bi-level
+# one) and BiDoRA's retrain phase, which starts from a trained direction.
+MAX_EPOCHS = 20
+MAX_RETRAIN_EPOCHS = 5
+PILOT_SIZE = 1000
+# No small-data run has this seed, so none trains on the pilot's subset
+# with the pilot's initialisation.
+PILOT_SEED = 100
+SMALL_DATA_TASKS = ("rte", "mrpc", "sst2", "stsb")
+SMALL_SIZES = (100, 300, 1000)
+SMALL_DATA_SEEDS = (0, 1, 2, 3, 4)
+SEEDS = (0, 1, 2)
+# The methods of the plateau studies: name -> (recipe method, changes).
+ARMS = {
+    "lora": ("lora", {}),
+    "dora": ("dora", {}),
+    "bidora": ("bidora", {}),
+    "bidora-darts": ("bidora", {"hypergradient": "darts"}),
+}
+ARM_NAMES = {**METHOD_NAMES, "bidora-darts": "BiDoRA (darts)"}
+# BiDoRA's settings in the plateau studies: the library's defaults of
+# issue 27 (first_order), pinned as STUDY_SETTINGS are.
+PLATEAU_SETTINGS = {**STUDY_SETTINGS, "hypergradient": "first_order"}
+# The small-data table's paired differences: (minuend, subtrahend).
+DIFFERENCES = (("bidora", "dora"), ("bidora", "lora"), ("bidora-darts", "dora"))
+# What LoRA must reach on a task's full training set for the task to stay
+# in the small-data study: (metric, floor).
+FLOORS = {
+    "rte": ("accuracy", 0.60),
+    "mrpc": ("accuracy", 0.80),
+    "cola": ("matthews_correlation", 0.25),
+    "stsb": ("pearson", 0.80),
+    "sst2": ("accuracy", 0.85),
+}
+# The 97.5% quantile of Student's t by degrees of freedom, for the 95%
+# intervals when SciPy (the `metrics` extra) is missing.
+T_QUANTILES = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+}
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "glue")
 
 
@@ -121,11 +198,17 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=DEFAULT_OUT, help="results folder")
     parser.add_argument(
         "--study",
-        choices=("main", "sensitivity", "all"),
+        choices=("main", "sensitivity", "all", *PLATEAU_STUDIES),
         default="all",
-        help="which runs (main first, then sensitivity)",
+        help="which runs (all: main, then sensitivity); pilot, floors and "
+        "small-data train until a plateau (issue 27)",
     )
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS)
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=TASKS,
+        help="(small-data: rte mrpc sst2 stsb; the others: all five)",
+    )
     parser.add_argument(
         "--sensitivity-tasks",
         nargs="+",
@@ -180,7 +263,71 @@ def parse_args(argv=None):
         choices=COMPARED_METHODS,
         default=COMPARED_METHODS,
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=(0, 1, 2))
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        help="(small-data: 0 1 2 3 4; pilot: 100; the others: 0 1 2)",
+    )
+    parser.add_argument(
+        "--pooling",
+        choices=config.POOLINGS,
+        default=POOLING,
+        help="how the head reads the backbone; another than cls makes the "
+        "runs a variant of the task (cls)",
+    )
+    parser.add_argument(
+        "--learning-rates",
+        nargs="+",
+        type=float,
+        default=LEARNING_RATES,
+        metavar="LR",
+        help="the pilot's grid (5e-4 1e-3 2e-3 5e-3)",
+    )
+    parser.add_argument(
+        "--learning-rate-of",
+        nargs="+",
+        default=[],
+        metavar="METHOD=LR",
+        help="floors and small-data: METHOD's learning rate instead of its "
+        f"pilot's (METHOD one of {', '.join(ARMS)})",
+    )
+    parser.add_argument(
+        "--pilot-size",
+        type=int,
+        default=PILOT_SIZE,
+        metavar="N",
+        help=f"the pilot's training subset ({PILOT_SIZE})",
+    )
+    parser.add_argument(
+        "--small-sizes",
+        nargs="+",
+        type=int,
+        default=SMALL_SIZES,
+        metavar="N",
+        help="small-data's training-set sizes (100 300 1000)",
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=PATIENCE,
+        help="pilot, floors, small-data: epochs without a lower loss on "
+        f"the held-out part of the training data before stopping "
+        f"({PATIENCE})",
+    )
+    parser.add_argument(
+        "--max-epochs",
+        type=int,
+        default=MAX_EPOCHS,
+        help="pilot, floors, small-data: most epochs of the first phase "
+        f"(LoRA, DoRA; BiDoRA's bi-level phase) ({MAX_EPOCHS})",
+    )
+    parser.add_argument(
+        "--max-retrain-epochs",
+        type=int,
+        default=MAX_RETRAIN_EPOCHS,
+        help=f"most epochs of BiDoRA's retrain phase ({MAX_RETRAIN_EPOCHS})",
+    )
     parser.add_argument(
         "--epochs",
         type=int,
@@ -243,11 +390,24 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error(f"--epochs must be >= 2. Received: {args.epochs}")
-    if any(size < 1 for size in args.train_sizes):
-        parser.error(
-            "--train-sizes must be positive. Received: "
-            f"{' '.join(map(str, args.train_sizes))}"
-        )
+    for flag in ("train_sizes", "small_sizes", "learning_rates"):
+        values = getattr(args, flag)
+        if any(value <= 0 for value in values):
+            parser.error(
+                f"--{flag.replace('_', '-')} must be positive. Received: "
+                f"{' '.join(map(str, values))}"
+            )
+    for flag in ("pilot_size", "patience", "max_epochs", "max_retrain_epochs"):
+        if getattr(args, flag) < 1:
+            parser.error(
+                f"--{flag.replace('_', '-')} must be >= 1. Received: "
+                f"{getattr(args, flag)}"
+            )
+    args.tasks = args.tasks or (
+        SMALL_DATA_TASKS if args.study == "small-data" else TASKS
+    )
+    args.seeds = args.seeds or _default_seeds(args.study)
+    args.learning_rate_of = _learning_rates_of(parser, args.learning_rate_of)
     if args.limit and os.path.abspath(args.out) == DEFAULT_OUT:
         parser.error(
             "--limit runs are checks, not results: give them another --out"
@@ -277,6 +437,31 @@ def _settings(parser, values):
     return settings
 
 
+def _default_seeds(study):
+    if study == "small-data":
+        return SMALL_DATA_SEEDS
+    return (PILOT_SEED,) if study == "pilot" else SEEDS
+
+
+def _learning_rates_of(parser, values):
+    """`{method: learning rate}` from `--learning-rate-of METHOD=LR ...`."""
+    rates = {}
+    for value in values:
+        arm, _, text = value.partition("=")
+        try:
+            rate = float(text)
+        except ValueError:
+            rate = 0.0
+        if arm not in ARMS or not rate > 0:
+            parser.error(
+                f"--learning-rate-of takes METHOD=LR with METHOD one of "
+                f"{', '.join(ARMS)} and LR a positive number. Received: "
+                f"{value!r}"
+            )
+        rates[arm] = rate
+    return rates
+
+
 def _task_numbers(parser, flag, values):
     """`{task: N}` from the values of the `TASK=N ...` option `flag`."""
     numbers = {}
@@ -299,15 +484,29 @@ def variant(args, task):
     length = sequence_length(args, task)
     if length != config.sequence_length(task):
         changes["sequence_length"] = length
+    if args.pooling != POOLING:
+        changes["pooling"] = args.pooling
     return changes
 
 
 # Runs -------------------------------------------------------------------
 
 
-def planned_runs(args):
+def planned_runs(args, records=None):
     """The runs of the chosen study, seed-major (a stopped study has all
-    methods of its first seeds)."""
+    methods of its first seeds).
+
+    Args:
+        args: the parsed command line.
+        records: the finished runs, whose pilot runs give the plateau
+            studies' learning rates (default: those in `OUT/runs.jsonl`).
+
+    Returns:
+        A list of runs: dicts of `task`, `method`, `seed`, `changes` (and
+        `study` for the plateau studies).
+    """
+    if args.study in PLATEAU_STUDIES:
+        return plateau_runs(args, records)
     budget = (
         {"budget": "examples"} if args.train_size_budget == "examples" else {}
     )
@@ -347,11 +546,143 @@ def _run(task, method, seed, **changes):
     return {"task": task, "method": method, "seed": seed, "changes": changes}
 
 
-def run_key(run):
-    return json.dumps(
-        [run["task"], run["method"], run["seed"], run["changes"]],
-        sort_keys=True,
+def plateau_runs(args, records=None):
+    """The runs of `--study pilot`, `floors` or `small-data`, seed-major.
+
+    The pilot trains every method (`ARMS`) at every learning rate of the
+    grid on a `--pilot-size` subset; floors trains LoRA on the full
+    training set and small-data every method on each `--small-sizes`
+    subset, each method at its learning rate (`learning_rate_of`). A
+    run's learning rate and subset size are among its changes, so that a
+    run at another one is another run.
+    """
+    if args.study == "pilot":
+        return [
+            _plateau_run(
+                "pilot",
+                task,
+                arm,
+                seed,
+                **variant(args, task),
+                train_size=args.pilot_size,
+                learning_rate=rate,
+            )
+            for seed in args.seeds
+            for task in args.tasks
+            for arm in ARMS
+            for rate in args.learning_rates
+        ]
+    if records is None:
+        records = read_runs(os.path.join(args.out, "runs.jsonl")).values()
+    chosen = chosen_learning_rates(records)
+    floors = args.study == "floors"
+    sizes = [{}] if floors else [{"train_size": n} for n in args.small_sizes]
+    runs = []
+    for seed in args.seeds:
+        for task in args.tasks:
+            base = variant(args, task)
+            for size in sizes:
+                for arm in ("lora",) if floors else ARMS:
+                    rate = learning_rate_of(args, chosen, task, arm)
+                    runs.append(
+                        _plateau_run(
+                            args.study,
+                            task,
+                            arm,
+                            seed,
+                            **base,
+                            **size,
+                            learning_rate=rate,
+                        )
+                    )
+    return runs
+
+
+def _plateau_run(study, task, arm, seed, **changes):
+    method, arm_changes = ARMS[arm]
+    return dict(_run(task, method, seed, **arm_changes, **changes), study=study)
+
+
+def arm_of(record):
+    """The name in `ARMS` of a plateau run's method and changes."""
+    changes = record["changes"]
+    for arm, (method, arm_changes) in reversed(ARMS.items()):
+        if record["method"] == method and all(
+            changes.get(key) == value for key, value in arm_changes.items()
+        ):
+            return arm
+    raise ValueError(f"A run of no method in ARMS. Received: {record!r}")
+
+
+def _pilot_key(task, arm, changes):
+    """What a pilot's choice is for: the task, method and the variant
+    changes that alter the model or its inputs (not `train_sample`: the
+    pilot trains on a subset anyway)."""
+    variant_changes = tuple(
+        (key, changes[key])
+        for key in VARIANT_LABELS
+        if key != "train_sample" and key in changes
     )
+    return task, arm, variant_changes
+
+
+def final_stopping_loss(record):
+    """The best held-out loss of the phase that made the run's model (its
+    last: BiDoRA's retrain phase); NaN or missing counts as infinite."""
+    losses = record.get("stopping_loss") or {}
+    for phase in ("retrain", "train", "bilevel"):
+        if phase in losses:
+            loss = losses[phase]
+            return loss if math.isfinite(loss) else math.inf
+    return math.inf
+
+
+def chosen_learning_rates(records):
+    """`{_pilot_key: learning rate}`: per task and method, the pilot's
+    learning rate of the lowest held-out loss (mean over its seeds), never
+    chosen on the dev metric."""
+    losses = {}
+    for record in records:
+        if record.get("study") != "pilot":
+            continue
+        key = _pilot_key(record["task"], arm_of(record), record["changes"])
+        rates = losses.setdefault(key, {})
+        rate = record["changes"]["learning_rate"]
+        rates.setdefault(rate, []).append(final_stopping_loss(record))
+    return {
+        key: min(rates, key=lambda rate: statistics.fmean(rates[rate]))
+        for key, rates in losses.items()
+    }
+
+
+def learning_rate_of(args, chosen, task, arm):
+    """`arm`'s learning rate on `task`: `--learning-rate-of`'s, else the
+    pilot's choice (a `ValueError` saying how to run the pilot if none)."""
+    if arm in args.learning_rate_of:
+        return args.learning_rate_of[arm]
+    key = _pilot_key(task, arm, variant(args, task))
+    if key not in chosen:
+        options = [f"--tasks {task}", f"--out {args.out}"]
+        if args.pooling != POOLING:
+            options.append(f"--pooling {args.pooling}")
+        if task in args.sequence_length:
+            options.append(
+                f"--sequence-length {task}={args.sequence_length[task]}"
+            )
+        raise ValueError(
+            f"No pilot runs of {arm} on {task} in {args.out}/runs.jsonl. "
+            "Run `python benchmarks/glue.py --study pilot "
+            f"{' '.join(options)}` first, or give --learning-rate-of "
+            f"{arm}=LR."
+        )
+    return chosen[key]
+
+
+def run_key(run):
+    key = [run["task"], run["method"], run["seed"], run["changes"]]
+    if "study" in run:
+        key.append(run["study"])  # the main and sensitivity runs have none
+    return json.dumps(key, sort_keys=True)
 
 
 def read_runs(path):
@@ -446,11 +777,15 @@ def sequence_length(args, task):
 def tokens(args, task, preset, log=print):
     """The task's tokenized data: `(arrays, meta)`, cached in `--tokens`
     (`TASK.npz`, or `TASK-LENGTH.npz` at another sequence length than the
-    default)."""
+    default; `-all` added where the plateau studies read more of the
+    training set than `TRAIN_LIMITS`)."""
     length = sequence_length(args, task)
     name = (
         task if length == config.sequence_length(task) else f"{task}-{length}"
     )
+    limit = train_limit(args, task)
+    if limit is None and task in TRAIN_LIMITS:
+        name += "-all"
     path = os.path.join(args.tokens, f"{name}.npz")
     meta_path = os.path.join(args.tokens, f"{name}.json")
     if os.path.exists(path) and os.path.exists(meta_path):
@@ -477,7 +812,6 @@ def tokens(args, task, preset, log=print):
             f"No cached tokens for {task} in {args.tokens}, and no data "
             f"files to make them from (--data-dir {args.data_dir})."
         )
-    limit = TRAIN_LIMITS.get(task)
     train = loaders.load_task(task, "train", limit, args.data_dir)
     dev = loaders.load_task(task, "dev", None, args.data_dir)
     start = time.perf_counter()
@@ -507,6 +841,12 @@ def tokens(args, task, preset, log=print):
     return arrays, meta
 
 
+def train_limit(args, task):
+    """The training examples read of `task`: the plateau studies read them
+    all (SST-2's too), the others `TRAIN_LIMITS`'."""
+    return None if args.study in PLATEAU_STUDIES else TRAIN_LIMITS.get(task)
+
+
 def _data_files(args, task):
     """`{file name: sha256}` of the task's data files, None if absent."""
     base = args.data_dir or loaders.FILES_DIR
@@ -527,7 +867,8 @@ def _write_atomic(path, write, mode):
 
 
 def run_settings(args, run, epochs, retrain_epochs):
-    """The `recipes.finetune` arguments of `run` (beyond data and method)."""
+    """The `recipes.finetune` arguments of `run` (beyond data and method):
+    the plateau studies' runs also stop early, at their learning rate."""
     settings = {
         "seed": run["seed"],
         "epochs": epochs,
@@ -535,14 +876,19 @@ def run_settings(args, run, epochs, retrain_epochs):
         "validation": False,
         "verbose": 0,
     }
-    for name, default in STUDY_SETTINGS.items():
+    pinned = PLATEAU_SETTINGS if "study" in run else STUDY_SETTINGS
+    for name, default in pinned.items():
         settings[name] = run["changes"].get(name, default)
+    if "study" in run:
+        settings["learning_rate"] = run["changes"]["learning_rate"]
+        settings["early_stopping_patience"] = args.patience
     settings.update(args.setting)
     return settings
 
 
-def _dev_curve_callback(keras, prepared, spec, batch_size, points):
-    """After each epoch: the dev metric and the training time so far."""
+def _dev_curve_callback(keras, prepared, spec, batch_size, points, dev=True):
+    """After each epoch: the training time so far and, if `dev`, the dev
+    metric (the plateau studies predict dev only at the end)."""
     from keras_bidora import recipes
 
     class DevCurve(keras.callbacks.Callback):
@@ -552,9 +898,12 @@ def _dev_curve_callback(keras, prepared, spec, batch_size, points):
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self.start
             previous = points[-1]["train_s"] if points else 0.0
-            outputs = recipes.predict(self.model, prepared.x_dev, batch_size)
-            scores = _score(spec, prepared, outputs)
-            points.append({"train_s": previous + seconds, "dev": scores})
+            points.append({"train_s": previous + seconds})
+            if dev:
+                outputs = recipes.predict(
+                    self.model, prepared.x_dev, batch_size
+                )
+                points[-1]["dev"] = _score(spec, prepared, outputs)
 
     return DevCurve()
 
@@ -569,8 +918,13 @@ def epoch_budget(args, run, train_examples, full_examples):
 
     Every method gets `--epochs`, BiDoRA's bi-level and retrain epochs
     counted against it; a subset with the "examples" budget gets as many
-    more epochs as make its examples seen those of the full set's run.
+    more epochs as make its examples seen those of the full set's run. A
+    plateau study's run gets `--max-epochs` (and BiDoRA
+    `--max-retrain-epochs`), maxima for its early stopping.
     """
+    if "study" in run:
+        maxima = (args.max_epochs, args.max_retrain_epochs)
+        return maxima if run["method"] == "bidora" else (maxima[0], 0)
     budget = args.epochs
     if run["changes"].get("budget") == "examples":
         budget = round(args.epochs * full_examples / train_examples)
@@ -616,11 +970,14 @@ def train_one(keras, args, run, arrays, meta, preset):
     epochs, retrain_epochs = epoch_budget(args, run, len(prepared), full)
     settings = run_settings(args, run, epochs, retrain_epochs)
     batch_size = settings.get("batch_size", config.BATCH_SIZE)
+    pooling = run["changes"].get("pooling", POOLING)
     points = []
-    callback = _dev_curve_callback(keras, prepared, spec, batch_size, points)
+    callback = _dev_curve_callback(
+        keras, prepared, spec, batch_size, points, dev="study" not in run
+    )
     start = time.perf_counter()
     result = recipes.finetune(
-        lambda: preprocessing.build_model(spec, preset)[0],
+        lambda: preprocessing.build_model(spec, preset, pooling=pooling)[0],
         (prepared.x_train, prepared.y_train),
         (prepared.x_dev, prepared.y_dev),
         run["method"],
@@ -649,7 +1006,27 @@ def train_one(keras, args, run, arrays, meta, preset):
             "backend": keras.config.backend(),
         }
     )
+    if "study" in run:
+        record.update(
+            {
+                "best_epochs": result.best_epochs,
+                "stopping_loss": result.stopping_loss,
+                "history": _plain(result.history),
+                "learning_rate": settings["learning_rate"],
+                "pooling": pooling,
+            }
+        )
     return record
+
+
+def _plain(history):
+    """`{phase: {log: [floats]}}`, JSON-ready."""
+    return {
+        phase: {
+            name: [float(v) for v in values] for name, values in logs.items()
+        }
+        for phase, logs in history.items()
+    }
 
 
 def _device(keras):
@@ -678,7 +1055,11 @@ def run_study(args):
     runs_path = os.path.join(args.out, "runs.jsonl")
     tasks = sorted(
         set(args.tasks if args.study != "sensitivity" else ())
-        | set(args.sensitivity_tasks if args.study != "main" else ())
+        | set(
+            args.sensitivity_tasks
+            if args.study in ("sensitivity", "all")
+            else ()
+        )
     )
     data = {task: tokens(args, task, preset) for task in tasks}
     if args.limit:
@@ -688,6 +1069,8 @@ def run_study(args):
         }
     if args.prepare:
         return 0
+    done = read_runs(runs_path)
+    planned = planned_runs(args, done.values())
     if args.jax_compilation_cache and args.backend == "jax":
         import jax
 
@@ -700,14 +1083,16 @@ def run_study(args):
     import keras_hub  # noqa: F401  (registers the KerasHub models)
 
     device = _device(keras)
-    done = read_runs(runs_path)
     todo = [
         run
-        for run in planned_runs(args)
+        for run in planned
         if run_key(run) not in done
         # A subset as large as the training set is the main study's run.
-        and run["changes"].get("train_size", 0)
-        < train_indices(run, len(data[run["task"]][0]["train_labels"]))[1]
+        and (
+            "study" in run
+            or run["changes"].get("train_size", 0)
+            < train_indices(run, len(data[run["task"]][0]["train_labels"]))[1]
+        )
     ]
     print(
         f"{len(done)} runs on disk, {len(todo)} to run, backend "
@@ -992,10 +1377,30 @@ def plot(records, tasks, path):
 
 
 def write_report(args):
+    """Writes the tables and plots of every study with runs on disk."""
     records = list(read_runs(os.path.join(args.out, "runs.jsonl")).values())
     if not records:
         print(f"No runs in {args.out}/runs.jsonl yet")
         return
+    main_records = [r for r in records if "study" not in r]
+    if main_records:
+        _write_main_report(args, main_records)
+    if any(r.get("study") == "pilot" for r in records):
+        _write(args, "pilot.md", pilot_report(records))
+    if any(r.get("study") == "floors" for r in records):
+        _write(args, "floors.md", floors_report(records))
+    if any(r.get("study") == "small-data" for r in records):
+        _write(args, "small_data.md", small_data_report(records))
+        small_data_plot(records, os.path.join(args.out, "small_data.png"))
+
+
+def _write(args, name, text):
+    with open(os.path.join(args.out, name), "w") as file:
+        file.write(text)
+    print(text)
+
+
+def _write_main_report(args, records):
     records, tasks = by_variant(records)
     devices = sorted({r.get("device", "?") for r in records})
     backends = sorted({r["backend"] for r in records})
@@ -1023,6 +1428,318 @@ def write_report(args):
     print(main_table(records, tasks))
     print()
     print(sensitivity_table(records, tasks))
+
+
+# Report of the plateau studies -------------------------------------------
+
+
+def t_quantile(degrees):
+    """Student's t 97.5% quantile at `degrees` degrees of freedom.
+
+    SciPy's (the `metrics` extra), else `T_QUANTILES`' (up to 10).
+
+    Raises:
+        ImportError: without SciPy, beyond `T_QUANTILES`.
+    """
+    try:
+        from scipy import stats
+    except ImportError:
+        if degrees not in T_QUANTILES:
+            raise ImportError(
+                f"A 95% interval over {degrees + 1} seeds needs SciPy: pip "
+                "install 'keras-bidora[metrics]'. Received: "
+                f"degrees={degrees}"
+            ) from None
+        return T_QUANTILES[degrees]
+    return float(stats.t.ppf(0.975, degrees))
+
+
+def mean_interval(values):
+    """`(mean, half width, n)`: the mean of `values` and the half width of
+    its 95% Student t interval, `t(0.975, n - 1) * sd / sqrt(n)` (NaN for
+    one value); None for none."""
+    values = list(values)
+    if not values:
+        return None
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, 1
+    sd = statistics.stdev(values)
+    half = t_quantile(len(values) - 1) * sd / math.sqrt(len(values))
+    return mean, half, len(values)
+
+
+def _fmt_interval(interval, scale=100.0, digits=1):
+    """`mean [low, high] (n)`, x`scale`."""
+    if interval is None:
+        return "n/a"
+    mean, half, count = interval
+    text = _fmt((mean, math.nan), scale, digits)
+    if not math.isnan(half):
+        low = _fmt((mean - half, math.nan), scale, digits)
+        high = _fmt((mean + half, math.nan), scale, digits)
+        text += f" [{low}, {high}]"
+    return f"{text} ({count})"
+
+
+def plateau_cells(records, study):
+    """`(cells, tasks)`: `{(task, train_size, method): {seed: record}}` of
+    a plateau study's runs, with `by_variant`'s task names (in its order);
+    methods are `ARMS`' names, and a later run of a seed wins (one at
+    another learning rate)."""
+    relabeled, tasks = by_variant(
+        [r for r in records if r.get("study") == study]
+    )
+    cells = {}
+    for record in relabeled:
+        size = record["changes"].get("train_size")
+        cell = cells.setdefault((record["task"], size, arm_of(record)), {})
+        cell[record["seed"]] = record
+    return cells, tasks
+
+
+def paired_difference(first, second):
+    """`mean_interval` of `first - second` over their common seeds (each a
+    `{seed: record}`), None without one."""
+    seeds = sorted(set(first) & set(second))
+    return mean_interval(
+        _metric(first[seed]) - _metric(second[seed]) for seed in seeds
+    )
+
+
+def _mean_time(cell):
+    if not cell:
+        return "n/a"
+    return f"{statistics.fmean(r['train_s'] for r in cell.values()):.0f}"
+
+
+def _rates(cell):
+    rates = sorted({r["changes"]["learning_rate"] for r in cell.values()})
+    return "/".join(f"{rate:g}" for rate in rates) or "n/a"
+
+
+def _plateau_report(records, study, explanation, table):
+    """A plateau study's report: where its runs ran, how they stopped,
+    `explanation` and `table`."""
+    runs = [r for r in records if r.get("study") == study]
+    backends = sorted({r["backend"] for r in runs})
+    return (
+        f"{len(runs)} runs, backend {', '.join(backends)} on "
+        f"{_where(runs)}. Every run stops early on a seeded "
+        f"{config.EARLY_STOPPING_FRACTION:.0%} of its training data (never "
+        f"dev), its best epoch restored; dev metric x100. {explanation}"
+        f"\n\n{table}\n"
+    )
+
+
+def small_data_table(records):
+    """One row per task and training-set size: each method's mean ± sd,
+    the paired differences of `DIFFERENCES` with their 95% t intervals,
+    mean training times and learning rates."""
+    cells, tasks = plateau_cells(records, "small-data")
+    names = [ARM_NAMES[arm] for arm in ARMS]
+    lines = [
+        "| task (metric x100) | examples | "
+        + " | ".join(names)
+        + " | "
+        + " | ".join(
+            f"{ARM_NAMES[a]} - {ARM_NAMES[b]} [95%] (seeds)"
+            for a, b in DIFFERENCES
+        )
+        + f" | mean training time, s ({' / '.join(names)}) | learning "
+        f"rate ({' / '.join(names)}) | seeds | where |",
+        "|---|---|" + "---|" * (len(ARMS) + len(DIFFERENCES) + 4),
+    ]
+    for task in tasks:
+        sizes = sorted(
+            {size for t, size, _ in cells if t == task},
+            key=lambda size: math.inf if size is None else size,
+        )
+        for size in sizes:
+            row = {arm: cells.get((task, size, arm), {}) for arm in ARMS}
+            runs = [r for cell in row.values() for r in cell.values()]
+            values = [
+                _fmt(_mean_sd([_metric(r) for r in row[arm].values()]))
+                for arm in ARMS
+            ]
+            differences = [
+                _fmt_interval(paired_difference(row[a], row[b]))
+                for a, b in DIFFERENCES
+            ]
+            lines.append(
+                f"| {task} ({runs[0]['main_metric']}) | {size or 'all'} | "
+                + " | ".join(values + differences)
+                + f" | {' / '.join(_mean_time(row[a]) for a in ARMS)} | "
+                f"{' / '.join(_rates(row[a]) for a in ARMS)} | "
+                f"{' / '.join(str(len(row[a])) for a in ARMS)} | "
+                f"{_where(runs)} |"
+            )
+    return "\n".join(lines)
+
+
+def small_data_report(records):
+    return _plateau_report(
+        records,
+        "small-data",
+        "Mean ± standard deviation over seeds; a difference is the mean "
+        "of the per-seed differences (the same subset for every method at "
+        "a seed) with its 95% Student t interval; training time includes "
+        "the held-out loss of each epoch and every epoch run, past the "
+        "best one too.",
+        small_data_table(records),
+    )
+
+
+def small_data_plot(records, path):
+    """Per task, the dev metric against the training-set size (log x), a
+    line per method, error bars the 95% interval of the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells, tasks = plateau_cells(records, "small-data")
+    tasks = [t for t in tasks if any(key[0] == t for key in cells)]
+    figure, axes = plt.subplots(
+        1, len(tasks), figsize=(3.8 * len(tasks), 3.2), squeeze=False
+    )
+    for axis, task in zip(axes[0], tasks):
+        for arm in ARMS:
+            points = sorted(
+                (size, mean_interval(_metric(r) for r in cell.values()))
+                for (t, size, a), cell in cells.items()
+                if t == task and a == arm and size is not None
+            )
+            if not points:
+                continue
+            sizes = [size for size, _ in points]
+            means = [100 * interval[0] for _, interval in points]
+            # One seed has no interval: no bar.
+            errors = [
+                0.0 if math.isnan(i[1]) else 100 * i[1] for _, i in points
+            ]
+            axis.errorbar(
+                sizes,
+                means,
+                yerr=errors,
+                marker="o",
+                capsize=3,
+                label=ARM_NAMES[arm],
+            )
+        metric = next(
+            next(iter(cell.values()))["main_metric"]
+            for key, cell in cells.items()
+            if key[0] == task
+        )
+        axis.set_xscale("log")
+        axis.set_title(f"{task} ({metric})")
+        axis.set_xlabel("training examples")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("dev metric x100 (mean, 95% interval)")
+    axes[0][-1].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def pilot_table(records):
+    """Every grid point of the pilot: its held-out loss (the choice's
+    criterion), best epochs and dev metric (means over seeds), the chosen
+    learning rate of each task and method marked."""
+    pilot = [r for r in records if r.get("study") == "pilot"]
+    chosen = chosen_learning_rates(pilot)
+    relabeled, tasks = by_variant(pilot)
+    points = {}
+    for original, record in zip(pilot, relabeled):
+        arm = arm_of(original)
+        rate = original["changes"]["learning_rate"]
+        key = _pilot_key(original["task"], arm, original["changes"])
+        point = points.setdefault(
+            (record["task"], arm, rate), {"chosen": chosen[key] == rate}
+        )
+        point.setdefault("runs", []).append(record)
+    lines = [
+        "| task (metric x100) | method | learning rate | held-out loss | "
+        "best epochs | dev metric | seeds | chosen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task in tasks:
+        for arm in ARMS:
+            rates = sorted(r for t, a, r in points if t == task and a == arm)
+            for rate in rates:
+                point = points[task, arm, rate]
+                runs = point["runs"]
+                loss = statistics.fmean(final_stopping_loss(r) for r in runs)
+                epochs = "; ".join(_best_epochs(r) for r in runs)
+                dev = _mean_sd([_metric(r) for r in runs])
+                lines.append(
+                    f"| {task} ({runs[0]['main_metric']}) | "
+                    f"{ARM_NAMES[arm]} | {rate:g} | {loss:.4f} | {epochs} | "
+                    f"{_fmt(dev)} | {len(runs)} | "
+                    f"{'**chosen**' if point['chosen'] else ''} |"
+                )
+    return "\n".join(lines)
+
+
+def _best_epochs(record):
+    """E.g. `bilevel 4, retrain 2`."""
+    best = record.get("best_epochs") or {}
+    return ", ".join(f"{phase} {epoch}" for phase, epoch in best.items())
+
+
+def pilot_report(records):
+    return _plateau_report(
+        records,
+        "pilot",
+        "The learning rate of a task and method is the one of the lowest "
+        "held-out loss (of the last phase: BiDoRA's retrain), never the "
+        "dev metric's; floors and small-data train at it.",
+        pilot_table(records),
+    )
+
+
+def floor_results(records):
+    """`{task: (metric, floor, (mean, sd), {seed: run}, passed)}`: the
+    floors study's LoRA runs, per task as `by_variant` names it."""
+    cells, tasks = plateau_cells(records, "floors")
+    results = {}
+    for task in tasks:
+        runs = cells.get((task, None, "lora"), {})
+        if not runs:
+            continue
+        metric, floor = FLOORS[task.split(",")[0]]
+        values = _mean_sd([r["dev"][metric] for r in runs.values()])
+        results[task] = (metric, floor, values, runs, values[0] >= floor)
+    return results
+
+
+def floors_table(records):
+    lines = [
+        "| task | metric | floor (x100) | LoRA (x100) | seeds | learning "
+        "rate | result | where |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task, (metric, floor, values, runs, passed) in floor_results(
+        records
+    ).items():
+        result = "pass" if passed else "fail (dropped: floor not reached)"
+        lines.append(
+            f"| {task} | {metric} | {100 * floor:.0f} | {_fmt(values)} | "
+            f"{len(runs)} | {_rates(runs)} | {result} | "
+            f"{_where(runs.values())} |"
+        )
+    return "\n".join(lines)
+
+
+def floors_report(records):
+    return _plateau_report(
+        records,
+        "floors",
+        "LoRA on each task's full training set (or its --train-sample) "
+        "at its pilot learning rate; a task whose mean misses its floor is "
+        "dropped from the small-data study.",
+        floors_table(records),
+    )
 
 
 def main(argv=None):

@@ -42,6 +42,301 @@ def _record(task, method, seed, value, changes=None, metric="accuracy"):
     }
 
 
+def _plateau_record(study, task, arm, seed, value, rate, loss=1.0, **changes):
+    """A synthetic run of a plateau study (`glue.ARMS`' `arm`)."""
+    method, arm_changes = glue.ARMS[arm]
+    metric = glue.FLOORS[task][0]
+    changes = {**arm_changes, **changes, "learning_rate": rate}
+    record = _record(task, method, seed, value, changes, metric)
+    phase = "retrain" if method == "bidora" else "train"
+    record.update(
+        study=study,
+        stopping_loss={phase: loss, "bilevel": -1.0}
+        if method == "bidora"
+        else {phase: loss},
+        best_epochs={phase: 2},
+        device="cpu",
+    )
+    return record
+
+
+def _cells(table, row=2):
+    """The stripped cells of a Markdown table's `row`."""
+    line = table.splitlines()[row]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+class PlateauStudiesTest(TestCase):
+    """`--study pilot`, `floors` and `small-data` (issue 27)."""
+
+    def _args(self, study, *options):
+        return glue.parse_args(
+            ["--out", self.get_temp_dir(), "--study", study, *options]
+        )
+
+    def _pilot_records(self, tasks=("rte", "mrpc", "sst2", "stsb")):
+        """Pilot runs whose lowest held-out loss is at 2e-3 (lora and
+        bidora-darts), 1e-3 (dora) and 5e-4 (bidora)."""
+        best = {
+            "lora": 2e-3,
+            "dora": 1e-3,
+            "bidora": 5e-4,
+            "bidora-darts": 2e-3,
+        }
+        return [
+            _plateau_record(
+                "pilot",
+                task,
+                arm,
+                glue.PILOT_SEED,
+                0.5,
+                rate,
+                loss=0.3 if rate == best[arm] else 0.6,
+                train_size=glue.PILOT_SIZE,
+            )
+            for task in tasks
+            for arm in glue.ARMS
+            for rate in glue.LEARNING_RATES
+        ]
+
+    def test_pilot_plan_covers_the_grid_and_darts_is_a_change(self):
+        args = self._args("pilot", "--tasks", "rte", "cola")
+        runs = glue.planned_runs(args)
+        self.assertLen(runs, 2 * 4 * len(glue.LEARNING_RATES))
+        self.assertEqual({r["seed"] for r in runs}, {glue.PILOT_SEED})
+        self.assertEqual({r["study"] for r in runs}, {"pilot"})
+        self.assertEqual(
+            {r["changes"]["train_size"] for r in runs}, {glue.PILOT_SIZE}
+        )
+        darts = [r for r in runs if r["changes"].get("hypergradient")]
+        self.assertLen(darts, 2 * len(glue.LEARNING_RATES))
+        self.assertEqual(
+            {(r["method"], r["changes"]["hypergradient"]) for r in darts},
+            {("bidora", "darts")},
+        )
+        keys = [glue.run_key(r) for r in runs]
+        self.assertLen(set(keys), len(keys))
+        # A plateau run's key differs from an old run's of the same task,
+        # method, seed and changes; an old run's key is as it was.
+        old = glue._run("rte", "lora", 0)
+        self.assertEqual(glue.run_key(old), '["rte", "lora", 0, {}]')
+        self.assertNotEqual(glue.run_key(dict(old, study="floors")), old)
+        from keras_bidora import recipes
+
+        parameters = inspect.signature(recipes.finetune).parameters
+        for run in runs[:8]:
+            epochs = glue.epoch_budget(args, run, 1000, 1000)
+            settings = glue.run_settings(args, run, *epochs)
+            self.assertLessEqual(set(settings), set(parameters))
+            self.assertEqual(settings["early_stopping_patience"], 3)
+            self.assertEqual(
+                settings["learning_rate"], run["changes"]["learning_rate"]
+            )
+            expected = run["changes"].get("hypergradient", "first_order")
+            self.assertEqual(settings["hypergradient"], expected)
+            bidora = run["method"] == "bidora"
+            self.assertEqual(epochs, (20, 5 if bidora else 0))
+
+    def test_small_data_plan_shares_subsets_across_methods(self):
+        args = self._args("small-data")
+        runs = glue.planned_runs(args, self._pilot_records())
+        self.assertEqual(args.tasks, ("rte", "mrpc", "sst2", "stsb"))
+        self.assertEqual(tuple(args.seeds), (0, 1, 2, 3, 4))
+        self.assertLen(runs, 4 * 3 * 4 * 5)
+        self.assertEqual([r["seed"] for r in runs[:48]], [0] * 48)
+        keys = [glue.run_key(r) for r in runs]
+        self.assertLen(set(keys), len(keys))
+        rates = {
+            (r["method"], r["changes"].get("hypergradient")): r["changes"][
+                "learning_rate"
+            ]
+            for r in runs
+        }
+        self.assertEqual(
+            rates,
+            {
+                ("lora", None): 2e-3,
+                ("dora", None): 1e-3,
+                ("bidora", None): 5e-4,
+                ("bidora", "darts"): 2e-3,
+            },
+        )
+        subsets = {}
+        for run in runs:
+            size = run["changes"]["train_size"]
+            indices, _ = glue.train_indices(run, 5000)
+            self.assertLen(indices, size)
+            key = (run["task"], size, run["seed"])
+            subsets.setdefault(key, []).append(indices)
+        for same in subsets.values():
+            self.assertLen(same, 4)
+            for indices in same[1:]:
+                np.testing.assert_array_equal(indices, same[0])
+        self.assertFalse(
+            np.array_equal(subsets["rte", 100, 0][0], subsets["rte", 100, 1][0])
+        )
+        # Another pooling is a variant, whose pilot is another one.
+        mean = self._args("small-data", "--pooling", "mean")
+        with pytest.raises(ValueError, match="--study pilot --tasks rte"):
+            glue.planned_runs(mean, self._pilot_records())
+        mean = self._args(
+            "small-data",
+            "--pooling",
+            "mean",
+            "--learning-rate-of",
+            *(f"{arm}=1e-3" for arm in glue.ARMS),
+        )
+        runs = glue.planned_runs(mean, [])
+        self.assertEqual({r["changes"]["pooling"] for r in runs}, {"mean"})
+        self.assertEqual(glue.by_variant(runs[:1])[1], ["rte, mean pooling"])
+        self.assertNotIn("pooling", glue.variant(args, "rte"))
+        for bad in ("darts=1e-3", "lora=0", "lora=x"):
+            with pytest.raises(SystemExit):
+                glue.parse_args(["--learning-rate-of", bad])
+
+    def test_floors_plan_is_lora_on_the_full_set(self):
+        args = self._args("floors", "--tasks", "rte", "sst2")
+        with pytest.raises(ValueError, match="--learning-rate-of lora=LR"):
+            glue.planned_runs(args, [])
+        runs = glue.planned_runs(args, self._pilot_records())
+        self.assertLen(runs, 2 * 3)
+        self.assertEqual({r["method"] for r in runs}, {"lora"})
+        self.assertEqual(
+            [r["changes"] for r in runs], [{"learning_rate": 2e-3}] * 6
+        )
+        self.assertIsNone(glue.train_indices(runs[0], 900)[0])
+        # The plateau studies read all of SST-2, the others 1,000.
+        self.assertIsNone(glue.train_limit(args, "sst2"))
+        self.assertEqual(glue.train_limit(self._args("main"), "sst2"), 1000)
+
+    def test_learning_rate_is_the_lowest_held_out_loss(self):
+        rng = np.random.default_rng(3)
+        rates = (5e-4, 1e-3, 2e-3, 5e-3)
+        records, losses = [], {}
+        for task in ("rte", "stsb"):
+            for arm in glue.ARMS:
+                for rate in rates:
+                    loss = float(rng.uniform(0.1, 1.0))
+                    if rate == 5e-3 and arm == "dora":
+                        loss = float("nan")  # a diverged run
+                    losses[task, arm, rate] = loss
+                    # A high dev metric must not sway the choice.
+                    records.append(
+                        _plateau_record(
+                            "pilot", task, arm, 100, loss, rate, loss=loss
+                        )
+                    )
+        chosen = glue.chosen_learning_rates(records)
+        for task in ("rte", "stsb"):
+            for arm in glue.ARMS:
+                finite = [
+                    (losses[task, arm, rate], rate)
+                    for rate in rates
+                    if not np.isnan(losses[task, arm, rate])
+                ]
+                self.assertEqual(
+                    chosen[task, arm, ()], min(finite)[1], (task, arm)
+                )
+        table = glue.pilot_table(records)
+        marked = [line for line in table.splitlines() if "**chosen**" in line]
+        self.assertLen(marked, 2 * 4)
+        self.assertLen(table.splitlines(), 2 + 2 * 4 * 4)
+
+    def test_small_data_table_matches_scipy(self):
+        from scipy import stats
+
+        rng = np.random.default_rng(0)
+        seeds = 5
+        values = {arm: rng.uniform(0.5, 0.9, seeds) for arm in glue.ARMS}
+        records = [
+            dict(
+                _plateau_record(
+                    "small-data",
+                    "mrpc",
+                    arm,
+                    seed,
+                    float(values[arm][seed]),
+                    1e-3,
+                    train_size=100,
+                ),
+                train_s=float(10 + seed),
+            )
+            for arm in glue.ARMS
+            for seed in range(seeds)
+        ]
+        records.append(
+            _plateau_record("small-data", "mrpc", "lora", 0, 0.6, 1e-3)
+        )
+        cells = _cells(glue.small_data_table(records))
+        self.assertEqual(cells[:2], ["mrpc (accuracy)", "100"])
+        for arm, cell in zip(glue.ARMS, cells[2:6]):
+            self.assertEqual(
+                cell,
+                f"{100 * values[arm].mean():.1f} ± "
+                f"{100 * values[arm].std(ddof=1):.1f}",
+            )
+        t = stats.t.ppf(0.975, seeds - 1)
+        for (first, second), cell in zip(glue.DIFFERENCES, cells[6:9]):
+            difference = 100 * (values[first] - values[second])
+            mean = difference.mean()
+            half = t * difference.std(ddof=1) / np.sqrt(seeds)
+            self.assertEqual(
+                cell,
+                f"{mean:.1f} [{mean - half:.1f}, {mean + half:.1f}] (5)",
+            )
+        self.assertEqual(cells[9], "12 / 12 / 12 / 12")
+        self.assertEqual(cells[10], "0.001 / 0.001 / 0.001 / 0.001")
+        self.assertEqual(cells[11], "5 / 5 / 5 / 5")
+        for degrees, quantile in glue.T_QUANTILES.items():
+            self.assertAlmostEqual(
+                quantile, stats.t.ppf(0.975, degrees), places=3
+            )
+
+    def test_floors_table_passes_and_drops(self):
+        records = [
+            _plateau_record("floors", "rte", "lora", s, v, 2e-3)
+            for s, v in enumerate((0.62, 0.60, 0.61))
+        ] + [
+            _plateau_record("floors", "stsb", "lora", s, v, 1e-3)
+            for s, v in enumerate((0.81, 0.78))
+        ]
+        results = glue.floor_results(records)
+        self.assertEqual(
+            {task: r[-1] for task, r in results.items()},
+            {"rte": True, "stsb": False},
+        )
+        table = glue.floors_table(records)
+        rte, stsb = _cells(table, 2), _cells(table, 3)
+        self.assertEqual(
+            rte[:7],
+            ["rte", "accuracy", "60", "61.0 ± 1.0", "3", "0.002", "pass"],
+        )
+        self.assertEqual(stsb[1:3], ["pearson", "80"])
+        self.assertEqual(stsb[6], "fail (dropped: floor not reached)")
+
+    def test_report_keeps_the_studies_apart(self):
+        args = self._args("small-data", "--report")
+        path = os.path.join(args.out, "runs.jsonl")
+        old = [_record("rte", m, 0, 0.5) for m in glue.COMPARED_METHODS]
+        new = self._pilot_records(("rte",))
+        new += [
+            _plateau_record(
+                "small-data", "rte", arm, seed, 0.6, 1e-3, train_size=size
+            )
+            for arm in glue.ARMS
+            for seed in (0, 1)
+            for size in (8, 16)
+        ]
+        for record in old + new:
+            glue.append_run(path, record)
+        glue.write_report(args)
+        for name in ("glue.md", "pilot.md", "small_data.md", "small_data.png"):
+            self.assertTrue(os.path.exists(os.path.join(args.out, name)))
+        self.assertFalse(os.path.exists(os.path.join(args.out, "floors.md")))
+        with open(os.path.join(args.out, "glue.md")) as file:
+            self.assertTrue(file.read().startswith("3 runs,"))
+
+
 class GlueBenchmarkTest(TestCase):
     def _sensitivity_args(self, task, *options):
         """`glue.py --study sensitivity` on one task, with `options`."""
@@ -423,16 +718,25 @@ class GlueBenchmarkTest(TestCase):
             glue.parse_args(["--limit", "10"])
 
 
+def _command(out, *options):
+    """The script's command line on this backend, writing to `out`."""
+    backend = keras.config.backend()
+    return [
+        sys.executable,
+        SCRIPT,
+        "--backend",
+        backend,
+        "--out",
+        out,
+        *options,
+    ]
+
+
 @pytest.mark.large
 class GlueStudyRunTest(TestCase):
     def test_tiny_study_runs_and_resumes(self):
         out = self.get_temp_dir()
-        command = [
-            sys.executable,
-            SCRIPT,
-            "--backend",
-            keras.config.backend(),
-            "--out",
+        command = _command(
             out,
             "--tasks",
             "sst2",
@@ -444,7 +748,7 @@ class GlueStudyRunTest(TestCase):
             "2",
             "--limit",
             "24",
-        ]
+        )
         environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
         first = subprocess.run(
             command, capture_output=True, text=True, env=environment
@@ -477,3 +781,75 @@ class GlueStudyRunTest(TestCase):
         )
         self.assertEqual(second.returncode, 0, second.stderr[-3000:])
         self.assertIn("3 runs on disk, 0 to run", second.stdout)
+
+    def test_tiny_plateau_studies_run_and_resume(self):
+        out = self.get_temp_dir()
+        common = _command(
+            out,
+            "--tasks",
+            "sst2",
+            "--limit",
+            "24",
+            "--max-epochs",
+            "2",
+            "--max-retrain-epochs",
+            "1",
+            "--patience",
+            "1",
+            # JAX: the runs of a shape after the first skip compiling.
+            "--jax-compilation-cache",
+            os.path.join(out, "jax-cache"),
+        )
+        pilot = common + [
+            "--study",
+            "pilot",
+            "--learning-rates",
+            "1e-3",
+            "5e-3",
+        ]
+        small = [
+            *common,
+            "--study",
+            "small-data",
+            "--small-sizes",
+            "8",
+            "16",
+            "--seeds",
+            "0",
+            "1",
+        ]
+        environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        for command in (pilot, small):
+            done = subprocess.run(
+                command, capture_output=True, text=True, env=environment
+            )
+            self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        records = list(glue.read_runs(os.path.join(out, "runs.jsonl")).values())
+        self.assertLen(records, 4 * 2 + 2 * 2 * 4)
+        chosen = glue.chosen_learning_rates(records)
+        for record in records:
+            self.assertIn(record["study"], ("pilot", "small-data"))
+            self.assertEqual(record["pooling"], "cls")
+            phases = {"bidora": {"bilevel", "retrain"}}.get(
+                record["method"], {"train"}
+            )
+            self.assertEqual(set(record["stopping_loss"]), phases)
+            for phase, epoch in record["best_epochs"].items():
+                losses = record["history"][phase]["val_loss"]
+                self.assertEqual(losses[epoch - 1], min(losses))
+            if record["study"] == "small-data":
+                arm = glue.arm_of(record)
+                self.assertEqual(
+                    record["learning_rate"], chosen["sst2", arm, ()]
+                )
+                size = record["changes"]["train_size"]
+                self.assertEqual(record["train_examples"], size)
+        for name in ("pilot.md", "small_data.md", "small_data.png"):
+            self.assertTrue(os.path.exists(os.path.join(out, name)), name)
+        with open(os.path.join(out, "small_data.md")) as file:
+            self.assertIn("| sst2 (accuracy) | 16 |", file.read())
+        again = subprocess.run(
+            small, capture_output=True, text=True, env=environment
+        )
+        self.assertEqual(again.returncode, 0, again.stderr[-3000:])
+        self.assertIn("24 runs on disk, 0 to run", again.stdout)
