@@ -1329,12 +1329,28 @@ def sensitivity_table(records, tasks):
     return "\n".join(lines)
 
 
-def plot(records, tasks, path):
+def _panels(count, width):
+    """A figure of `count` side-by-side panels, `width` inches each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(1, count, figsize=(width * count, 3.2), squeeze=False)
+
+
+def _save(figure, axes, ylabel, path):
+    """Labels the first panel, puts the legend on the last, writes `path`."""
+    import matplotlib.pyplot as plt
+
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot(records, tasks, path):
     tasks = [
         t
         for t in tasks
@@ -1342,9 +1358,7 @@ def plot(records, tasks, path):
     ]
     if not tasks:
         return False
-    figure, axes = plt.subplots(
-        1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False
-    )
+    figure, axes = _panels(len(tasks), 3.6)
     for axis, task in zip(axes[0], tasks):
         for method in COMPARED_METHODS:
             runs = list(_select(records, task, method).values())
@@ -1368,11 +1382,7 @@ def plot(records, tasks, path):
         axis.set_title(f"{task} ({metric})")
         axis.set_xlabel("training time, fastest seed (s)")
         axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("dev metric x100 (mean, range over seeds)")
-    axes[0][-1].legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, axes, "dev metric x100 (mean, range over seeds)", path)
     return True
 
 
@@ -1593,16 +1603,9 @@ def small_data_report(records):
 def small_data_plot(records, path):
     """Per task, the dev metric against the training-set size (log x), a
     line per method, error bars the 95% interval of the mean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cells, tasks = plateau_cells(records, "small-data")
     tasks = [t for t in tasks if any(key[0] == t for key in cells)]
-    figure, axes = plt.subplots(
-        1, len(tasks), figsize=(3.8 * len(tasks), 3.2), squeeze=False
-    )
+    figure, axes = _panels(len(tasks), 3.8)
     for axis, task in zip(axes[0], tasks):
         for arm in ARMS:
             points = sorted(
@@ -1635,11 +1638,7 @@ def small_data_plot(records, path):
         axis.set_title(f"{task} ({metric})")
         axis.set_xlabel("training examples")
         axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("dev metric x100 (mean, 95% interval)")
-    axes[0][-1].legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, axes, "dev metric x100 (mean, 95% interval)", path)
 
 
 def pilot_table(records):
