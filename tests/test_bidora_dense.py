@@ -176,6 +176,16 @@ def numpy_output(x, values, case, norm=None):
     return numpy_forward(x, kernel, values["bias"], case)
 
 
+def numpy_penalty(values, case):
+    """`||V^T V - I||_F` with V the column-normalised `W0 + s*A@B`."""
+    direction = numpy_direction(
+        values["kernel"], values["lora_a"], values["lora_b"], case
+    )
+    direction = direction / np.linalg.norm(direction, axis=0)
+    gram = direction.T @ direction
+    return np.linalg.norm(gram - np.eye(gram.shape[0]))
+
+
 def numeric_gradients(loss_fn, values, names, epsilon=1e-6):
     """Central finite differences of `loss_fn(values)` in float64."""
     grads = []
@@ -511,15 +521,10 @@ class BiDoRADenseTest(TestCase):
         for seed, layer in enumerate(layers):
             randomize_adapter(layer, seed=seed)
         cases = ["dense", "gemma_query"]
-        penalties = []
-        for layer, case in zip(layers, cases):
-            values = numpy_variables(layer)
-            direction = numpy_direction(
-                values["kernel"], values["lora_a"], values["lora_b"], case
-            )
-            direction = direction / np.linalg.norm(direction, axis=0)
-            gram = direction.T @ direction
-            penalties.append(np.linalg.norm(gram - np.eye(gram.shape[0])))
+        penalties = [
+            numpy_penalty(numpy_variables(layer), case)
+            for layer, case in zip(layers, cases)
+        ]
         expected = np.mean(penalties)
 
         penalty = direction_regularization(layers)
@@ -535,6 +540,44 @@ class BiDoRADenseTest(TestCase):
         self.assertAllClose(
             direction_regularization(model), penalties[0], atol=1e-5
         )
+
+    @parameterized.named_parameters(named_cases("dense", "gemma_query"))
+    def test_direction_regularization_gradients_match_numpy(self, case):
+        # The penalty is computed from low-rank pieces, never from V^T V:
+        # its gradient is checked against finite differences of the plain
+        # formula, in float64.
+        layer = self.make_layer(case)
+        randomize_adapter(layer)
+        expected = numeric_gradients(
+            lambda values: numpy_penalty(values, case),
+            numpy_variables(layer),
+            ["lora_a", "lora_b"],
+        )
+        grads = gradients(
+            lambda: direction_regularization(layer),
+            [layer.lora_a, layer.lora_b],
+        )
+        for grad, reference in zip(grads, expected):
+            self.assertGreater(np.abs(reference).max(), 1e-3)
+            self.assertAllClose(grad, reference, atol=1e-4, rtol=1e-3)
+
+    def test_direction_regularization_follows_a_changed_base(self):
+        # What the penalty computes from W0 alone may be kept between calls
+        # (eager torch): after W0 changes it must be the new W0's penalty.
+        layer = self.make_layer("gemma_query")
+        randomize_adapter(layer)
+        first = numpy_penalty(numpy_variables(layer), "gemma_query")
+        for _ in range(2):
+            self.assertAllClose(
+                direction_regularization(layer), first, atol=1e-5
+            )
+        kernel = layer.layer.kernel
+        kernel.assign(
+            np.random.default_rng(7).normal(size=kernel.shape).astype("float32")
+        )
+        second = numpy_penalty(numpy_variables(layer), "gemma_query")
+        self.assertGreater(abs(second - first), 1e-2)
+        self.assertAllClose(direction_regularization(layer), second, atol=1e-5)
 
     def test_direction_regularization_zero_for_orthogonal_kernel(self):
         base = keras.layers.Dense(4)

@@ -1,5 +1,6 @@
 """The BiDoRADense layer: a weight-decomposed low-rank adapter."""
 
+import collections
 import math
 import string
 
@@ -8,6 +9,7 @@ from keras import ops
 
 from keras_bidora import _keras_compat
 from keras_bidora import config
+from keras_bidora.training import backend as backend_lib
 
 _MIXED_VARIABLE_DTYPES = ("float16", "bfloat16")
 
@@ -186,6 +188,7 @@ class BiDoRADense(keras.layers.Layer):
         self.magnitude = None
         self.lora_a = None
         self.lora_b = None
+        self._frozen_cache = None
 
     def _analyze_kernel(self):
         kernel_shape = tuple(self.layer.kernel.shape)
@@ -283,7 +286,7 @@ class BiDoRADense(keras.layers.Layer):
     def _base_kernel(self, dtype):
         """`W0` in `dtype`, dequantized when the base is int8 or int4."""
         if self.layer.quantization_mode is None:
-            return ops.cast(self.layer.kernel, dtype)
+            return _cast(self.layer.kernel.value, dtype)
         # The base may have been quantized after this layer was made.
         _check_quantization(self.layer)
         return _keras_compat.dequantized_kernel(self.layer, dtype)
@@ -294,9 +297,8 @@ class BiDoRADense(keras.layers.Layer):
         return self.layer.dtype_policy.variable_dtype
 
     def _base_matrix(self, dtype):
-        kernel = self._base_kernel(dtype)
-        kernel = ops.transpose(kernel, self._matrix_perm)
-        return ops.reshape(kernel, (self._in_units, self._out_units))
+        kernel = _transpose(self._base_kernel(dtype), self._matrix_perm)
+        return _reshape(kernel, (self._in_units, self._out_units))
 
     def _column_norm(self, matrix):
         return ops.sqrt(ops.sum(ops.square(matrix), axis=0))
@@ -307,9 +309,71 @@ class BiDoRADense(keras.layers.Layer):
         update = ops.matmul(self.lora_a, self.lora_b) * self.scale
         return self._base_matrix(dtype) + update
 
+    def _low_rank_parts(self):
+        """The pieces of `||W0 + s*A@B||_c ** 2` that no (in, out) matrix holds.
+
+        The squared norm of column j is `||w0_j||^2 + u_j` with
+        `u_j = 2 (s W0^T A)_j . b_j + b_j^T (s^2 A^T A) b_j` (`b_j` the j-th
+        column of B): the adapters enter only through `s W0^T A` (out, r)
+        and `s^2 A^T A` (r, r), so the norm costs O(in * out * rank) in
+        the adapters, forward and backward, and no (in, out) temporary.
+
+        Returns:
+            `_NormParts` of `||w0_j||^2` and `u_j` (out,), `s W0^T A` and
+            `s^2 A^T A`.
+        """
+        frozen = self._frozen_parts()
+        base = frozen["base"]
+        projected = ops.matmul(ops.transpose(base), self.lora_a) * self.scale
+        gram_a = ops.matmul(ops.transpose(self.lora_a), self.lora_a) * (
+            self.scale**2
+        )
+        lora_b = self.lora_b
+        update = 2 * ops.sum(ops.transpose(projected) * lora_b, axis=0)
+        update = update + ops.sum(lora_b * ops.matmul(gram_a, lora_b), axis=0)
+        return _NormParts(
+            base_squared=frozen["base_squared"],
+            update_squared=update,
+            projected=projected,
+            gram_a=gram_a,
+        )
+
+    def _frozen_parts(self, gram=False):
+        """What `W0` alone gives, for the column norm and the penalty.
+
+        A dict with `base` (`W0` as an (in, out) matrix in the adapter
+        dtype) and `base_squared` (its squared column norms); with `gram`,
+        also `off_diagonal` (`O`, `W0^T W0` off its diagonal) and
+        `off_diagonal_squared` (`O o O`). Where the backend can tell that
+        `W0`'s variables hold the values they held when these were computed
+        (eager torch: the same tensors at the same version), they are kept
+        and reused; elsewhere they are computed on each call.
+        """
+        key = backend_lib.get().frozen_key(
+            [v.value for v in self.layer.weights]
+        )
+        cache = self._frozen_cache
+        if key is None or cache is None or cache[0] != key:
+            base = self._base_matrix(self.adapter_dtype)
+            cache = (
+                key,
+                {"base": base, "base_squared": ops.sum(ops.square(base), 0)},
+            )
+        parts = cache[1]
+        if gram and "off_diagonal" not in parts:
+            base = parts["base"]
+            identity = ops.eye(self._out_units, dtype=base.dtype)
+            off_diagonal = ops.matmul(ops.transpose(base), base) * (
+                1 - identity
+            )
+            parts["off_diagonal"] = off_diagonal
+            parts["off_diagonal_squared"] = ops.square(off_diagonal)
+        self._frozen_cache = None if key is None else cache
+        return parts
+
     def column_scale(self):
         """Returns `m / ||W0 + s * A @ B||_c`, one entry per output unit."""
-        norm = self._column_norm(self.direction_matrix())
+        norm = ops.sqrt(self._low_rank_parts().norm_squared())
         if self.detach_norm:
             norm = ops.stop_gradient(norm)
         flat_magnitude = ops.reshape(self.magnitude, (self._out_units,))
@@ -358,15 +422,20 @@ class BiDoRADense(keras.layers.Layer):
         return ops.einsum(self.layer.equation, inputs, kernel)
 
     def call(self, inputs, training=None):
+        # The reshapes, transposes and casts below are skipped where they
+        # change nothing (a Dense layer, a float32 policy): at small shapes
+        # each op's dispatch costs more than its arithmetic.
         compute_dtype = self.compute_dtype
-        inputs = ops.cast(inputs, compute_dtype)
+        inputs = _cast(inputs, compute_dtype)
         outputs = self._contract(inputs, self._base_kernel(compute_dtype))
-        adapter_inputs = self.dropout_layer(inputs, training=training)
-        lora_a = ops.reshape(self.lora_a, self._in_shape + (self.rank,))
-        lora_b = ops.reshape(self.lora_b, (self.rank,) + self._out_shape)
+        adapter_inputs = inputs
+        if self.dropout:
+            adapter_inputs = self.dropout_layer(inputs, training=training)
+        lora_a = _reshape(self.lora_a.value, self._in_shape + (self.rank,))
+        lora_b = _reshape(self.lora_b.value, (self.rank,) + self._out_shape)
         # Adapters stay float32 and are cast to the compute dtype only here.
-        lora_a = ops.cast(lora_a, compute_dtype)
-        lora_b = ops.cast(lora_b * self.scale, compute_dtype)
+        lora_a = _cast(lora_a, compute_dtype)
+        lora_b = _cast(lora_b * self.scale, compute_dtype)
         if self._is_dense:
             update = ops.matmul(ops.matmul(adapter_inputs, lora_a), lora_b)
         else:
@@ -377,12 +446,12 @@ class BiDoRADense(keras.layers.Layer):
             )
         outputs = outputs + update
         if self.use_magnitude:
-            scale = ops.reshape(self.column_scale(), self._out_shape)
-            scale = ops.transpose(scale, self._scale_perm)
-            scale = ops.reshape(scale, self._scale_shape)
-            outputs = outputs * ops.cast(scale, compute_dtype)
+            scale = _reshape(self.column_scale(), self._out_shape)
+            scale = _transpose(scale, self._scale_perm)
+            scale = _reshape(scale, self._scale_shape)
+            outputs = outputs * _cast(scale, compute_dtype)
         if self.layer.bias is not None:
-            outputs = outputs + ops.cast(self.layer.bias, compute_dtype)
+            outputs = outputs + _cast(self.layer.bias.value, compute_dtype)
         if self.layer.activation is not None:
             outputs = self.layer.activation(outputs)
         return outputs
@@ -411,6 +480,27 @@ class BiDoRADense(keras.layers.Layer):
         config = dict(config)
         config["layer"] = keras.saving.deserialize_keras_object(config["layer"])
         return cls(**config)
+
+
+def _cast(x, dtype):
+    """`ops.cast(x, dtype)`, or `x` itself when it has that dtype."""
+    if keras.backend.standardize_dtype(x.dtype) == dtype:
+        return x
+    return ops.cast(x, dtype)
+
+
+def _reshape(x, shape):
+    """`ops.reshape(x, shape)`, or `x` itself when it has that shape."""
+    if tuple(x.shape) == tuple(shape):
+        return x
+    return ops.reshape(x, shape)
+
+
+def _transpose(x, perm):
+    """`ops.transpose(x, perm)`, or `x` itself for the identity."""
+    if list(perm) == list(range(len(perm))):
+        return x
+    return ops.transpose(x, perm)
 
 
 def _check_layer(layer):
@@ -551,13 +641,71 @@ def direction_regularization(model_or_layers):
     for layer in layers:
         if layer.lora_a is None:
             layer.build()
-        direction = layer.direction_matrix()
-        direction = direction / ops.maximum(
-            layer._column_norm(direction), keras.config.epsilon()
-        )
-        gram = ops.matmul(ops.transpose(direction), direction)
-        identity = ops.eye(layer._out_units, dtype=gram.dtype)
-        penalties.append(
-            ops.cast(ops.sqrt(ops.sum(ops.square(gram - identity))), "float32")
-        )
+        penalties.append(ops.cast(_orthogonality(layer), "float32"))
     return ops.mean(ops.stack(penalties))
+
+
+class _NormParts(
+    collections.namedtuple(
+        "_NormParts", "base_squared update_squared projected gram_a"
+    )
+):
+    """What `BiDoRADense._low_rank_parts` returns."""
+
+    def norm_squared(self):
+        """`||W0 + s*A@B||_c ** 2`, at least `epsilon ** 2`."""
+        epsilon = keras.config.epsilon()
+        return ops.maximum(
+            self.base_squared + self.update_squared, epsilon * epsilon
+        )
+
+
+def _orthogonality(layer):
+    """`||V^T V - I||_F` of one layer, without forming V or `V^T V`.
+
+    With `W = W0 + s*A@B`, `G = W^T W = G0 + Q M Q^T`, where `G0 = W0^T W0`,
+    `Q = [s W0^T A, B^T]` (out, 2r) and `M = [[0, I], [I, s^2 A^T A]]`.
+    `V^T V = E^(1/2) G E^(1/2)` with `E = diag(e)`, `e_j = 1 / G_jj`, so
+    `V^T V - I` is its off-diagonal part, and with `O` the off-diagonal part
+    of `G0` and `L = Q M Q^T`:
+
+        ||V^T V - I||_F^2 = e^T (O o O) e + 2 sum(M o (R^T O R))
+                            + tr(M K M K) - sum_j (e_j L_jj)^2,
+
+    where `R = E Q` and `K = Q^T E Q` (2r, 2r). `G0` holds no adapter, so
+    the backward pass reads (out, out) matrices only in matrix-vector and
+    thin matrix products, instead of differentiating an (in, out)
+    normalisation and an (out, out) Gram matrix with its elementwise chain.
+    Only the last two terms cancel, and they vanish with the update.
+    """
+    parts = layer._low_rank_parts()
+    inverse = 1 / parts.norm_squared()
+    frozen = layer._frozen_parts(gram=True)
+    off_diagonal = frozen["off_diagonal"]
+    off_diagonal_squared = frozen["off_diagonal_squared"]
+    factors = ops.concatenate(
+        [parts.projected, ops.transpose(layer.lora_b)], axis=1
+    )
+    gram_a = parts.gram_a
+    rank_identity = ops.eye(layer.rank, dtype=gram_a.dtype)
+    middle = ops.concatenate(
+        [
+            ops.concatenate([ops.zeros_like(gram_a), rank_identity], axis=1),
+            ops.concatenate([rank_identity, gram_a], axis=1),
+        ],
+        axis=0,
+    )
+    weighted = factors * ops.expand_dims(inverse, 1)
+    inner = ops.matmul(ops.transpose(factors), weighted)
+    frozen = ops.sum(inverse * ops.matmul(off_diagonal_squared, inverse))
+    cross = ops.sum(
+        middle
+        * ops.matmul(
+            ops.transpose(weighted), ops.matmul(off_diagonal, weighted)
+        )
+    )
+    update = ops.sum(middle * ops.matmul(inner, ops.matmul(middle, inner)))
+    update = update - ops.sum(ops.square(parts.update_squared * inverse))
+    squared = frozen + 2 * cross + update
+    epsilon = keras.config.epsilon()
+    return ops.sqrt(ops.maximum(squared, epsilon * epsilon))

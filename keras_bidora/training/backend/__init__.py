@@ -1,6 +1,6 @@
 """Per-backend train-step pieces, picked by `keras.config.backend()`.
 
-Each backend module provides the same three functions:
+Each backend module provides the same four functions:
 
 - `value_and_grad(fn, create_graph=False)`: returns a function that takes
   `(params, *args)`, where `params` is a list of tensors and
@@ -13,6 +13,10 @@ Each backend module provides the same three functions:
 - `cond(pred, true_fn, false_fn)`: `keras.ops.cond`, except that under a
   `tf.distribute` strategy TensorFlow runs both branches and selects (a
   `tf.cond` branch may not sum across replicas).
+- `frozen_key(tensors)`: a key that compares equal to a later key of the
+  same tensors while their values are unchanged, or None where the backend
+  cannot tell; `BiDoRADense` keeps what it computes from the frozen `W0`
+  under it (eager torch only).
 
 Everything else of the bi-level step is written once, on top of these, in
 `keras_bidora.training.hypergradients` and `keras_bidora.training.step`.

@@ -23,3 +23,13 @@ def apply_gradients(
 
 def cond(pred, true_fn, false_fn):
     return jax.lax.cond(pred, true_fn, false_fn)
+
+
+def frozen_key(tensors):
+    """None: values computed from frozen variables are not kept here.
+
+    Inside `jax.jit` (where training runs) the values are tracers, and XLA
+    compiles the whole step anyway.
+    """
+    del tensors
+    return None

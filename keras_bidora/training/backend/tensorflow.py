@@ -96,3 +96,13 @@ def apply_gradients(
         [v.value for v in variables],
         [v.value for v in optimizer.variables],
     )
+
+
+def frozen_key(tensors):
+    """None: values computed from frozen variables are not kept here.
+
+    Inside a `tf.function` the values are symbolic, and a `tf.Variable`
+    changed in place gives no cheap sign of it.
+    """
+    del tensors
+    return None

@@ -42,3 +42,37 @@ def apply_gradients(
 
 def cond(pred, true_fn, false_fn):
     return true_fn() if bool(pred) else false_fn()
+
+
+def frozen_key(tensors):
+    """A key equal to a later one while `tensors` are unchanged, or None.
+
+    Torch updates variables in place and counts each in-place change in a
+    tensor's `_version`, so the same tensor objects at the same versions
+    hold the same values. None (cache nothing) where a tensor needs a
+    gradient, under `torch.inference_mode` (whose tensors cannot be saved
+    for a later backward pass) or while `torch.compile` is tracing.
+    """
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return None
+    for tensor in tensors:
+        if not isinstance(tensor, torch.Tensor) or tensor.requires_grad:
+            return None
+    return _FrozenKey(tensors)
+
+
+class _FrozenKey:
+    def __init__(self, tensors):
+        # Holding the tensors keeps their ids from being reused.
+        self.tensors = tuple(tensors)
+        self.versions = tuple(tensor._version for tensor in self.tensors)
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, _FrozenKey)
+            and len(self.tensors) == len(other.tensors)
+            and all(a is b for a, b in zip(self.tensors, other.tensors))
+            and self.versions == other.versions
+        )
+
+    __hash__ = None
