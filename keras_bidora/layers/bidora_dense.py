@@ -263,7 +263,10 @@ class BiDoRADense(keras.layers.Layer):
                 name="magnitude",
                 shape=self._out_shape,
                 initializer=lambda shape, dtype: ops.reshape(
-                    self._column_norm(self._base_matrix(dtype)), shape
+                    _cast(
+                        ops.sqrt(self._frozen_parts()["base_squared"]), dtype
+                    ),
+                    shape,
                 ),
                 dtype=dtype,
                 autocast=False,
@@ -300,16 +303,13 @@ class BiDoRADense(keras.layers.Layer):
         kernel = _transpose(self._base_kernel(dtype), self._matrix_perm)
         return _reshape(kernel, (self._in_units, self._out_units))
 
-    def _column_norm(self, matrix):
-        return ops.sqrt(ops.sum(ops.square(matrix), axis=0))
-
     def direction_matrix(self):
         """Returns `W0 + s * A @ B` as an (in, out) matrix, in float32."""
         dtype = self.adapter_dtype
         update = ops.matmul(self.lora_a, self.lora_b) * self.scale
         return self._base_matrix(dtype) + update
 
-    def _low_rank_parts(self):
+    def _low_rank_parts(self, gram=False):
         """The pieces of `||W0 + s*A@B||_c ** 2` that no (in, out) matrix holds.
 
         The squared norm of column j is `||w0_j||^2 + u_j` with
@@ -318,11 +318,15 @@ class BiDoRADense(keras.layers.Layer):
         and `s^2 A^T A` (r, r), so the norm costs O(in * out * rank) in
         the adapters, forward and backward, and no (in, out) temporary.
 
+        Args:
+            gram: whether `frozen` also holds `W0^T W0`'s parts (see
+                `_frozen_parts`), for the orthogonality penalty.
+
         Returns:
-            `_NormParts` of `||w0_j||^2` and `u_j` (out,), `s W0^T A` and
-            `s^2 A^T A`.
+            `_NormParts` of `||w0_j||^2` and `u_j` (out,), `s W0^T A`,
+            `s^2 A^T A` and the `_frozen_parts` dict they came from.
         """
-        frozen = self._frozen_parts()
+        frozen = self._frozen_parts(gram)
         base = frozen["base"]
         projected = ops.matmul(ops.transpose(base), self.lora_a) * self.scale
         gram_a = ops.matmul(ops.transpose(self.lora_a), self.lora_a) * (
@@ -336,6 +340,7 @@ class BiDoRADense(keras.layers.Layer):
             update_squared=update,
             projected=projected,
             gram_a=gram_a,
+            frozen=frozen,
         )
 
     def _frozen_parts(self, gram=False):
@@ -647,7 +652,7 @@ def direction_regularization(model_or_layers):
 
 class _NormParts(
     collections.namedtuple(
-        "_NormParts", "base_squared update_squared projected gram_a"
+        "_NormParts", "base_squared update_squared projected gram_a frozen"
     )
 ):
     """What `BiDoRADense._low_rank_parts` returns."""
@@ -678,11 +683,10 @@ def _orthogonality(layer):
     normalisation and an (out, out) Gram matrix with its elementwise chain.
     Only the last two terms cancel, and they vanish with the update.
     """
-    parts = layer._low_rank_parts()
+    parts = layer._low_rank_parts(gram=True)
     inverse = 1 / parts.norm_squared()
-    frozen = layer._frozen_parts(gram=True)
-    off_diagonal = frozen["off_diagonal"]
-    off_diagonal_squared = frozen["off_diagonal_squared"]
+    off_diagonal = parts.frozen["off_diagonal"]
+    off_diagonal_squared = parts.frozen["off_diagonal_squared"]
     factors = ops.concatenate(
         [parts.projected, ops.transpose(layer.lora_b)], axis=1
     )
@@ -697,7 +701,7 @@ def _orthogonality(layer):
     )
     weighted = factors * ops.expand_dims(inverse, 1)
     inner = ops.matmul(ops.transpose(factors), weighted)
-    frozen = ops.sum(inverse * ops.matmul(off_diagonal_squared, inverse))
+    base_term = ops.sum(inverse * ops.matmul(off_diagonal_squared, inverse))
     cross = ops.sum(
         middle
         * ops.matmul(
@@ -706,6 +710,6 @@ def _orthogonality(layer):
     )
     update = ops.sum(middle * ops.matmul(inner, ops.matmul(middle, inner)))
     update = update - ops.sum(ops.square(parts.update_squared * inverse))
-    squared = frozen + 2 * cross + update
+    squared = base_term + 2 * cross + update
     epsilon = keras.config.epsilon()
     return ops.sqrt(ops.maximum(squared, epsilon * epsilon))
