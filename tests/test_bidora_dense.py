@@ -176,10 +176,10 @@ def numpy_output(x, values, case, norm=None):
     return numpy_forward(x, kernel, values["bias"], case)
 
 
-def numpy_penalty(values, case):
+def numpy_penalty(values, case, scale=ALPHA / RANK):
     """`||V^T V - I||_F` with V the column-normalised `W0 + s*A@B`."""
     direction = numpy_direction(
-        values["kernel"], values["lora_a"], values["lora_b"], case
+        values["kernel"], values["lora_a"], values["lora_b"], case, scale
     )
     direction = direction / np.linalg.norm(direction, axis=0)
     gram = direction.T @ direction
@@ -578,6 +578,57 @@ class BiDoRADenseTest(TestCase):
         second = numpy_penalty(numpy_variables(layer), "gemma_query")
         self.assertGreater(abs(second - first), 1e-2)
         self.assertAllClose(direction_regularization(layer), second, atol=1e-5)
+
+    def test_direction_regularization_of_many_layers(self):
+        # Layers of one shape, rank and scale are computed together, stacked:
+        # each must still get its own penalty and gradient, and follow its
+        # own W0.
+        def layer(case, seed, rank=RANK):
+            made = BiDoRADense(
+                make_base(case, seed=seed), rank=rank, alpha=ALPHA
+            )
+            made.build()
+            randomize_adapter(made, seed=seed)
+            return made
+
+        layers = [layer("dense", seed) for seed in range(3)]
+        layers += [layer("gemma_query", 3), layer("dense", 4, rank=3)]
+        cases = ["dense"] * 3 + ["gemma_query", "dense"]
+        scales = [ALPHA / RANK] * 4 + [ALPHA / 3]
+
+        def expected():
+            return np.mean(
+                [
+                    numpy_penalty(numpy_variables(layer), case, scale)
+                    for layer, case, scale in zip(layers, cases, scales)
+                ]
+            )
+
+        self.assertAllClose(
+            direction_regularization(layers), expected(), atol=1e-5
+        )
+        grads = gradients(
+            lambda: direction_regularization(layers),
+            [layers[1].lora_a, layers[1].lora_b],
+        )
+        references = numeric_gradients(
+            lambda values: numpy_penalty(values, "dense"),
+            numpy_variables(layers[1]),
+            ["lora_a", "lora_b"],
+        )
+        for grad, reference in zip(grads, references):
+            self.assertAllClose(
+                grad, reference / len(layers), atol=1e-4, rtol=1e-3
+            )
+        before = expected()
+        kernel = layers[2].layer.kernel
+        kernel.assign(
+            np.random.default_rng(9).normal(size=kernel.shape).astype("float32")
+        )
+        self.assertGreater(abs(expected() - before), 1e-3)
+        self.assertAllClose(
+            direction_regularization(layers), expected(), atol=1e-5
+        )
 
     def test_direction_regularization_zero_for_orthogonal_kernel(self):
         base = keras.layers.Dense(4)

@@ -189,6 +189,7 @@ class BiDoRADense(keras.layers.Layer):
         self.lora_a = None
         self.lora_b = None
         self._frozen_cache = None
+        self._group_cache = None
 
     def _analyze_kernel(self):
         kernel_shape = tuple(self.layer.kernel.shape)
@@ -262,12 +263,7 @@ class BiDoRADense(keras.layers.Layer):
             self.magnitude = self.add_weight(
                 name="magnitude",
                 shape=self._out_shape,
-                initializer=lambda shape, dtype: ops.reshape(
-                    _cast(
-                        ops.sqrt(self._frozen_parts()["base_squared"]), dtype
-                    ),
-                    shape,
-                ),
+                initializer=self._initial_magnitude,
                 dtype=dtype,
                 autocast=False,
             )
@@ -285,6 +281,11 @@ class BiDoRADense(keras.layers.Layer):
             dtype=dtype,
             autocast=False,
         )
+
+    def _initial_magnitude(self, shape, dtype):
+        """`||W0||_c`: the magnitude at which `W'` is `W0`."""
+        _, base_squared = self._frozen_parts()
+        return ops.reshape(_cast(ops.sqrt(base_squared), dtype), shape)
 
     def _base_kernel(self, dtype):
         """`W0` in `dtype`, dequantized when the base is int8 or int4."""
@@ -309,72 +310,36 @@ class BiDoRADense(keras.layers.Layer):
         update = ops.matmul(self.lora_a, self.lora_b) * self.scale
         return self._base_matrix(dtype) + update
 
-    def _low_rank_parts(self, gram=False):
-        """The pieces of `||W0 + s*A@B||_c ** 2` that no (in, out) matrix holds.
-
-        The squared norm of column j is `||w0_j||^2 + u_j` with
-        `u_j = 2 (s W0^T A)_j . b_j + b_j^T (s^2 A^T A) b_j` (`b_j` the j-th
-        column of B): the adapters enter only through `s W0^T A` (out, r)
-        and `s^2 A^T A` (r, r), so the norm costs O(in * out * rank) in
-        the adapters, forward and backward, and no (in, out) temporary.
-
-        Args:
-            gram: whether `frozen` also holds `W0^T W0`'s parts (see
-                `_frozen_parts`), for the orthogonality penalty.
-
-        Returns:
-            `_NormParts` of `||w0_j||^2` and `u_j` (out,), `s W0^T A`,
-            `s^2 A^T A` and the `_frozen_parts` dict they came from.
-        """
-        frozen = self._frozen_parts(gram)
-        base = frozen["base"]
-        projected = ops.matmul(ops.transpose(base), self.lora_a) * self.scale
-        gram_a = ops.matmul(ops.transpose(self.lora_a), self.lora_a) * (
-            self.scale**2
-        )
-        lora_b = self.lora_b
-        update = 2 * ops.sum(ops.transpose(projected) * lora_b, axis=0)
-        update = update + ops.sum(lora_b * ops.matmul(gram_a, lora_b), axis=0)
-        return _NormParts(
-            base_squared=frozen["base_squared"],
-            update_squared=update,
-            projected=projected,
-            gram_a=gram_a,
-            frozen=frozen,
+    def _low_rank_parts(self):
+        """The pieces of `||W0 + s*A@B||_c ** 2` (see `_norm_parts`)."""
+        base, base_squared = self._frozen_parts()
+        return _norm_parts(
+            base,
+            base_squared,
+            self.lora_a.value,
+            self.lora_b.value,
+            self.scale,
         )
 
-    def _frozen_parts(self, gram=False):
-        """What `W0` alone gives, for the column norm and the penalty.
+    def _frozen_key(self):
+        return backend_lib.get().frozen_key(
+            [v.value for v in self.layer.weights]
+        )
 
-        A dict with `base` (`W0` as an (in, out) matrix in the adapter
-        dtype) and `base_squared` (its squared column norms); with `gram`,
-        also `off_diagonal` (`O`, `W0^T W0` off its diagonal) and
-        `off_diagonal_squared` (`O o O`). Where the backend can tell that
-        `W0`'s variables hold the values they held when these were computed
+    def _frozen_parts(self):
+        """`W0` as an (in, out) matrix and its squared column norms.
+
+        Both in the adapter dtype. Where the backend can tell that `W0`'s
+        variables hold the values they held when these were computed
         (eager torch: the same tensors at the same version), they are kept
         and reused; elsewhere they are computed on each call.
         """
-        key = backend_lib.get().frozen_key(
-            [v.value for v in self.layer.weights]
-        )
-        cache = self._frozen_cache
-        if key is None or cache is None or cache[0] != key:
+
+        def compute():
             base = self._base_matrix(self.adapter_dtype)
-            cache = (
-                key,
-                {"base": base, "base_squared": ops.sum(ops.square(base), 0)},
-            )
-        parts = cache[1]
-        if gram and "off_diagonal" not in parts:
-            base = parts["base"]
-            identity = ops.eye(self._out_units, dtype=base.dtype)
-            off_diagonal = ops.matmul(ops.transpose(base), base) * (
-                1 - identity
-            )
-            parts["off_diagonal"] = off_diagonal
-            parts["off_diagonal_squared"] = ops.square(off_diagonal)
-        self._frozen_cache = None if key is None else cache
-        return parts
+            return base, ops.sum(ops.square(base), axis=0)
+
+        return _kept(self, "_frozen_cache", self._frozen_key(), compute)
 
     def column_scale(self):
         """Returns `m / ||W0 + s * A @ B||_c`, one entry per output unit."""
@@ -642,20 +607,37 @@ def direction_regularization(model_or_layers):
             "direction_regularization needs at least one BiDoRADense layer. "
             f"Received: model_or_layers={model_or_layers!r}"
         )
-    penalties = []
     for layer in layers:
         if layer.lora_a is None:
             layer.build()
-        penalties.append(ops.cast(_orthogonality(layer), "float32"))
-    return ops.mean(ops.stack(penalties))
+    penalties = [
+        ops.cast(_orthogonality(group), "float32")
+        for group in _same_shapes(layers)
+    ]
+    return ops.mean(ops.concatenate(penalties))
+
+
+def _same_shapes(layers):
+    """`layers` in groups that one batched penalty can take."""
+    groups = {}
+    for layer in layers:
+        key = (
+            layer._in_units,
+            layer._out_units,
+            layer.rank,
+            layer.scale,
+            layer.adapter_dtype,
+        )
+        groups.setdefault(key, []).append(layer)
+    return list(groups.values())
 
 
 class _NormParts(
     collections.namedtuple(
-        "_NormParts", "base_squared update_squared projected gram_a frozen"
+        "_NormParts", "base_squared update_squared projected gram_a"
     )
 ):
-    """What `BiDoRADense._low_rank_parts` returns."""
+    """What `_norm_parts` returns."""
 
     def norm_squared(self):
         """`||W0 + s*A@B||_c ** 2`, at least `epsilon ** 2`."""
@@ -665,8 +647,39 @@ class _NormParts(
         )
 
 
-def _orthogonality(layer):
-    """`||V^T V - I||_F` of one layer, without forming V or `V^T V`.
+def _norm_parts(base, base_squared, lora_a, lora_b, scale):
+    """The pieces of `||W0 + s*A@B||_c ** 2` that no (in, out) matrix holds.
+
+    The squared norm of column j is `||w0_j||^2 + u_j` with
+    `u_j = 2 (s W0^T A)_j . b_j + b_j^T (s^2 A^T A) b_j` (`b_j` the j-th
+    column of B): the adapters enter only through `s W0^T A` (out, r) and
+    `s^2 A^T A` (r, r), so the norm costs O(in * out * rank) in the
+    adapters, forward and backward, and no (in, out) temporary.
+
+    Args:
+        base: `W0`, (..., in, out); any leading axes are a batch of layers.
+        base_squared: its squared column norms, (..., out).
+        lora_a: A, (..., in, r).
+        lora_b: B, (..., r, out).
+        scale: s.
+
+    Returns:
+        `_NormParts` of `||w0_j||^2` and `u_j` (..., out), `s W0^T A` and
+        `s^2 A^T A`.
+    """
+    projected = ops.matmul(_swap(base), lora_a) * scale
+    gram_a = ops.matmul(_swap(lora_a), lora_a) * (scale**2)
+    update = 2 * ops.sum(_swap(projected) * lora_b, axis=-2)
+    update = update + ops.sum(lora_b * ops.matmul(gram_a, lora_b), axis=-2)
+    return _NormParts(base_squared, update, projected, gram_a)
+
+
+def _orthogonality(layers):
+    """`||V^T V - I||_F` of each layer, without forming V or `V^T V`.
+
+    `layers` share their shapes, rank and scale (see `_same_shapes`), and
+    are computed together, stacked on a leading axis: at small shapes each
+    op's dispatch costs more than its arithmetic.
 
     With `W = W0 + s*A@B`, `G = W^T W = G0 + Q M Q^T`, where `G0 = W0^T W0`,
     `Q = [s W0^T A, B^T]` (out, 2r) and `M = [[0, I], [I, s^2 A^T A]]`.
@@ -682,34 +695,85 @@ def _orthogonality(layer):
     thin matrix products, instead of differentiating an (in, out)
     normalisation and an (out, out) Gram matrix with its elementwise chain.
     Only the last two terms cancel, and they vanish with the update.
+
+    Returns:
+        A tensor of shape `(len(layers),)`.
     """
-    parts = layer._low_rank_parts(gram=True)
-    inverse = 1 / parts.norm_squared()
-    off_diagonal = parts.frozen["off_diagonal"]
-    off_diagonal_squared = parts.frozen["off_diagonal_squared"]
-    factors = ops.concatenate(
-        [parts.projected, ops.transpose(layer.lora_b)], axis=1
+    base, base_squared, off_diagonal, off_diagonal_squared = _stacked_frozen(
+        layers
     )
+    lora_a = ops.stack([layer.lora_a.value for layer in layers])
+    lora_b = ops.stack([layer.lora_b.value for layer in layers])
+    parts = _norm_parts(base, base_squared, lora_a, lora_b, layers[0].scale)
+    inverse = 1 / parts.norm_squared()
+    factors = ops.concatenate([parts.projected, _swap(lora_b)], axis=-1)
     gram_a = parts.gram_a
-    rank_identity = ops.eye(layer.rank, dtype=gram_a.dtype)
+    zeros = ops.zeros_like(gram_a)
+    identity = zeros + ops.eye(layers[0].rank, dtype=gram_a.dtype)
     middle = ops.concatenate(
         [
-            ops.concatenate([ops.zeros_like(gram_a), rank_identity], axis=1),
-            ops.concatenate([rank_identity, gram_a], axis=1),
+            ops.concatenate([zeros, identity], axis=-1),
+            ops.concatenate([identity, gram_a], axis=-1),
         ],
-        axis=0,
+        axis=-2,
     )
-    weighted = factors * ops.expand_dims(inverse, 1)
-    inner = ops.matmul(ops.transpose(factors), weighted)
-    base_term = ops.sum(inverse * ops.matmul(off_diagonal_squared, inverse))
-    cross = ops.sum(
-        middle
-        * ops.matmul(
-            ops.transpose(weighted), ops.matmul(off_diagonal, weighted)
-        )
-    )
-    update = ops.sum(middle * ops.matmul(inner, ops.matmul(middle, inner)))
-    update = update - ops.sum(ops.square(parts.update_squared * inverse))
+    weighted = factors * ops.expand_dims(inverse, -1)
+    inner = ops.matmul(_swap(factors), weighted)
+    base_term = ops.sum(inverse * _matvec(off_diagonal_squared, inverse), -1)
+    cross = ops.matmul(_swap(weighted), ops.matmul(off_diagonal, weighted))
+    cross = ops.sum(middle * cross, axis=(-2, -1))
+    update = ops.matmul(inner, ops.matmul(middle, inner))
+    update = ops.sum(middle * update, axis=(-2, -1))
+    update = update - ops.sum(ops.square(parts.update_squared * inverse), -1)
     squared = base_term + 2 * cross + update
     epsilon = keras.config.epsilon()
     return ops.sqrt(ops.maximum(squared, epsilon * epsilon))
+
+
+def _stacked_frozen(layers):
+    """The layers' `W0`, its squared column norms, `O` and `O o O`, stacked.
+
+    All but `W0` are kept, as `BiDoRADense._frozen_parts` keeps a layer's
+    parts, where the backend can tell that no `W0` has changed. `W0` is
+    stacked anew on each call (mostly from views of the kernels), so that no
+    second copy of the kernels is kept.
+    """
+    parts = [layer._frozen_parts() for layer in layers]
+    base = ops.stack([base for base, _ in parts])
+
+    def compute():
+        base_squared = ops.stack([squared for _, squared in parts])
+        identity = ops.eye(layers[0]._out_units, dtype=base.dtype)
+        off_diagonal = ops.matmul(_swap(base), base) * (1 - identity)
+        return base_squared, off_diagonal, ops.square(off_diagonal)
+
+    keys = tuple(layer._frozen_key() for layer in layers)
+    key = None if any(key is None for key in keys) else keys
+    return (base, *_kept(layers[0], "_group_cache", key, compute))
+
+
+def _kept(owner, name, key, compute):
+    """`compute()`, or its earlier result for an equal key.
+
+    The result is kept beside its key in `owner`'s attribute `name`; a None
+    key keeps nothing.
+    """
+    kept = getattr(owner, name)
+    if key is not None and kept is not None and kept[0] == key:
+        return kept[1]
+    value = compute()
+    setattr(owner, name, None if key is None else (key, value))
+    return value
+
+
+def _swap(x):
+    """`x` with its last two axes swapped."""
+    if len(x.shape) == 2:
+        # `ops.swapaxes` does not take a `tf.Variable` (`.value` on TF).
+        return ops.transpose(x)
+    return ops.swapaxes(x, -1, -2)
+
+
+def _matvec(matrix, vector):
+    """`matrix @ vector` over leading batch axes."""
+    return ops.squeeze(ops.matmul(matrix, ops.expand_dims(vector, -1)), -1)
