@@ -4,7 +4,8 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k dense`.
 # The backends run TEST_JOBS at a time (default 2: much of a test run is
 # single-threaded Python and XLA compilation, so two share two cores well);
-# each backend's output is printed whole when it ends.
+# each backend's output, with its 15 slowest tests, is printed whole when it
+# ends.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh || exit 1
@@ -15,7 +16,7 @@ trap 'rm -rf "$logs"' EXIT
 
 run_backend() {
     KERAS_BACKEND=$1 python -m pytest tests -q -p no:cacheprovider \
-        "${@:2}" > "$logs/$1.log" 2>&1
+        --durations=15 "${@:2}" > "$logs/$1.log" 2>&1
     echo $? > "$logs/$1.rc"
 }
 

@@ -38,6 +38,36 @@ def load_benchmark(name):
     return module
 
 
+def save_tiny_bert_preset(folder):
+    """Saves a 1-layer random BERT with the default model's tokenizer.
+
+    For tests of scripts that load a preset folder and care about the
+    pipeline (tokenizing real text, the run's bookkeeping), not about
+    accuracy: it loads and trains in a fraction of the real model's time.
+
+    Returns:
+        `folder`.
+    """
+    import keras_hub
+
+    from keras_bidora import data
+
+    tokenizer = keras_hub.models.BertTokenizer.from_preset(
+        data.default_preset()
+    )
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=512,
+    )
+    backbone.save_to_preset(folder)
+    tokenizer.save_to_preset(folder)
+    return folder
+
+
 def _comparable(x):
     x = np.asarray(x)
     # NumPy cannot compare ml_dtypes' bfloat16 (dtype kind "V") directly.

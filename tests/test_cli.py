@@ -21,6 +21,7 @@ from keras_bidora.cli import outputs
 from keras_bidora.data import Encoder
 from keras_bidora.data import TaskSpec
 from keras_bidora.data import load_task
+from tests.test_case import save_tiny_bert_preset
 
 BACKEND = keras.config.backend()
 # Lines TensorFlow's and XLA's C++ logging print to stderr on import,
@@ -38,6 +39,14 @@ TINY = [
     "--rank", "2",
     "--verbose", "0",
 ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_preset(tmp_path_factory):
+    """A 1-layer random BERT with the default tokenizer: for the runs that
+    check the command's files and bookkeeping, not what the model learns
+    (`test_train_bidora_end_to_end` trains the real default model)."""
+    return str(save_tiny_bert_preset(tmp_path_factory.mktemp("tiny_bert")))
 
 
 def run_command(*args, cwd=None, env=None):
@@ -264,7 +273,7 @@ def test_jax_compilation_cache_refused_on_other_backends(tmp_path, capsys):
 @pytest.mark.skipif(
     BACKEND != "jax", reason="runs the jax backend; once per test suite"
 )
-def test_jax_compilation_cache_is_reused(tmp_path):
+def test_jax_compilation_cache_is_reused(tmp_path, tiny_preset):
     # JAX caches programs that took over a second to compile by default;
     # caching every program makes the tiny run's programs count.
     env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
@@ -274,7 +283,7 @@ def test_jax_compilation_cache_is_reused(tmp_path):
         result = run_command(
             "train", "--task", "sst2", "--method", "dora",
             "--out", tmp_path / run, "--jax-compilation-cache", cache,
-            *TINY, env=env,
+            "--preset", tiny_preset, *TINY, env=env,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         entries.append(set(os.listdir(cache)))
@@ -375,7 +384,7 @@ def test_train_bidora_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.large
-def test_train_keras_lora_on_pairs_from_files(tmp_path, capsys):
+def test_train_keras_lora_on_pairs_from_files(tmp_path, capsys, tiny_preset):
     rows = [
         ("a man plays a guitar", "someone plays music", "yes"),
         ("a cat sleeps", "the stock market fell", "no"),
@@ -387,7 +396,7 @@ def test_train_keras_lora_on_pairs_from_files(tmp_path, capsys):
         capsys, "train", "--train", data, "--dev", data,
         "--text-column", "first", "--text-pair-column", "second",
         "--label-column", "same", "--method", "keras-lora", "--out", out,
-        "--no-validation", *TINY,
+        "--no-validation", "--preset", tiny_preset, *TINY,
     )  # fmt: skip
     assert code == 0, stderr
     with open(out / "metrics.json") as f:
@@ -416,11 +425,12 @@ def test_train_keras_lora_on_pairs_from_files(tmp_path, capsys):
 
 
 @pytest.mark.large
-def test_train_dora_regression(tmp_path, capsys):
+def test_train_dora_regression(tmp_path, capsys, tiny_preset):
     out = tmp_path / "run"
     code, _, stderr = run_main(
         capsys, "train", "--task", "stsb", "--method", "dora",
-        "--out", out, "--no-validation", *TINY, "--epochs", "4",
+        "--out", out, "--no-validation", "--preset", tiny_preset, *TINY,
+        "--epochs", "4",
         "--pooling", "mean", "--early-stopping-patience", "1",
     )  # fmt: skip
     assert code == 0, stderr
@@ -441,11 +451,11 @@ def test_train_dora_regression(tmp_path, capsys):
 
 
 @pytest.mark.large
-def test_train_lora_ner(tmp_path, capsys):
+def test_train_lora_ner(tmp_path, capsys, tiny_preset):
     out = tmp_path / "run"
     code, _, stderr = run_main(
         capsys, "train", "--task", "conll2003", "--method", "lora",
-        "--out", out, *TINY,
+        "--out", out, "--preset", tiny_preset, *TINY,
     )  # fmt: skip
     assert code == 0, stderr
     metrics, scores = reload_and_score(out)
@@ -507,7 +517,7 @@ NO_MATPLOTLIB = (
 
 @pytest.mark.large
 def test_train_without_matplotlib_writes_everything_else(
-    tmp_path, capsys, monkeypatch
+    tmp_path, capsys, monkeypatch, tiny_preset
 ):
     # Only this key is restored afterwards (patching all of sys.modules
     # would drop the modules the run imports).
@@ -515,7 +525,7 @@ def test_train_without_matplotlib_writes_everything_else(
     out = tmp_path / "run"
     code, _, stderr = run_main(
         capsys, "train", "--task", "sst2", "--method", "lora", "--out", out,
-        "--no-validation", *TINY,
+        "--no-validation", "--preset", tiny_preset, *TINY,
     )  # fmt: skip
     assert code == 0, stderr
     files = os.listdir(out)

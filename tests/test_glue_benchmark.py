@@ -8,8 +8,10 @@ outer run's backend, and its second invocation must recompute nothing.
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import keras
 import numpy as np
@@ -17,6 +19,7 @@ import pytest
 
 from tests.test_case import TestCase
 from tests.test_case import load_benchmark
+from tests.test_case import save_tiny_bert_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "glue.py")
@@ -718,25 +721,37 @@ class GlueBenchmarkTest(TestCase):
             glue.parse_args(["--limit", "10"])
 
 
-def _command(out, *options):
-    """The script's command line on this backend, writing to `out`."""
-    backend = keras.config.backend()
-    return [
-        sys.executable,
-        SCRIPT,
-        "--backend",
-        backend,
-        "--out",
-        out,
-        *options,
-    ]
-
-
 @pytest.mark.large
 class GlueStudyRunTest(TestCase):
+    # The runs check the script's pipeline and bookkeeping on real text, not
+    # accuracy: a 1-layer random BERT with the default tokenizer does.
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.preset = save_tiny_bert_preset(tempfile.mkdtemp())
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.preset, ignore_errors=True)
+        super().tearDownClass()
+
+    def _command(self, out, *options):
+        """The script's command line on this backend, writing to `out`."""
+        return [
+            sys.executable,
+            SCRIPT,
+            "--backend",
+            keras.config.backend(),
+            "--preset",
+            self.preset,
+            "--out",
+            out,
+            *options,
+        ]
+
     def test_tiny_study_runs_and_resumes(self):
         out = self.get_temp_dir()
-        command = _command(
+        command = self._command(
             out,
             "--tasks",
             "sst2",
@@ -784,12 +799,12 @@ class GlueStudyRunTest(TestCase):
 
     @pytest.mark.skipif(
         keras.config.backend() != "jax",
-        reason="24 tiny runs take about 5 minutes; the studies run on JAX "
+        reason="24 tiny runs take about 2 minutes; the studies run on JAX "
         "(their --backend default), so CI runs this once, under JAX",
     )
     def test_tiny_plateau_studies_run_and_resume(self):
         out = self.get_temp_dir()
-        common = _command(
+        common = self._command(
             out,
             "--tasks",
             "sst2",

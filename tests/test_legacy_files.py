@@ -32,6 +32,13 @@ class LegacyFilesTest(TestCase):
             for key in ("token_ids", "segment_ids", "padding_mask")
         }
         self.assertIsInstance(model, BiDoRAModel)
+        # The file was compiled on JAX, and Keras keeps the `jit_compile`
+        # that "auto" resolved to there (True): on torch that is
+        # `torch.compile`, which costs this tiny model over a minute of
+        # compiling on a CPU. What is checked here is the file, not the
+        # compiler.
+        self.assertTrue(model.jit_compile)
+        model.jit_compile = False
         # alpha=None then meant alpha = rank: a scale of 1, not today's 2.
         for layer in model.adapted_layers:
             self.assertEqual(layer.alpha, layer.rank)
