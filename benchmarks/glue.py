@@ -144,6 +144,12 @@ PATIENCE = 3
 MAX_EPOCHS = 20
 MAX_RETRAIN_EPOCHS = 5
 PILOT_SIZE = 1000
+# The batch size of a plateau run on at most SMALL_BATCH_LIMIT examples
+# (config.BATCH_SIZE above): at 32, STS-B's 270 training examples make 9
+# steps an epoch, too few for early stopping to see learning begin
+# (benchmarks/README.md, "Small data needs steps").
+SMALL_BATCH_SIZE = 8
+SMALL_BATCH_LIMIT = 1000
 # No small-data run has this seed, so none trains on the pilot's subset
 # with the pilot's initialisation.
 PILOT_SEED = 100
@@ -866,9 +872,10 @@ def _write_atomic(path, write, mode):
 # Training ---------------------------------------------------------------
 
 
-def run_settings(args, run, epochs, retrain_epochs):
-    """The `recipes.finetune` arguments of `run` (beyond data and method):
-    the plateau studies' runs also stop early, at their learning rate."""
+def run_settings(args, run, epochs, retrain_epochs, train_examples):
+    """The `recipes.finetune` arguments of `run` (beyond data and method)
+    on `train_examples` examples: the plateau studies' runs also stop
+    early, at their learning rate, in `plateau_batch_size` batches."""
     settings = {
         "seed": run["seed"],
         "epochs": epochs,
@@ -882,8 +889,17 @@ def run_settings(args, run, epochs, retrain_epochs):
     if "study" in run:
         settings["learning_rate"] = run["changes"]["learning_rate"]
         settings["early_stopping_patience"] = args.patience
+        settings["batch_size"] = plateau_batch_size(train_examples)
     settings.update(args.setting)
     return settings
+
+
+def plateau_batch_size(train_examples):
+    """A plateau run's batch size: `SMALL_BATCH_SIZE` on at most
+    `SMALL_BATCH_LIMIT` training examples, `config.BATCH_SIZE` above."""
+    if train_examples <= SMALL_BATCH_LIMIT:
+        return SMALL_BATCH_SIZE
+    return config.BATCH_SIZE
 
 
 def _dev_curve_callback(keras, prepared, spec, batch_size, points, dev=True):
@@ -968,16 +984,21 @@ def train_one(keras, args, run, arrays, meta, preset):
     indices, full = train_indices(run, len(arrays["train_labels"]))
     prepared = Prepared(spec, arrays, meta, indices)
     epochs, retrain_epochs = epoch_budget(args, run, len(prepared), full)
-    settings = run_settings(args, run, epochs, retrain_epochs)
+    settings = run_settings(args, run, epochs, retrain_epochs, len(prepared))
     batch_size = settings.get("batch_size", config.BATCH_SIZE)
     pooling = run["changes"].get("pooling", POOLING)
+    output_bias = None
+    if "study" in run:
+        output_bias = preprocessing.initial_output_bias(spec, prepared.y_train)
     points = []
     callback = _dev_curve_callback(
         keras, prepared, spec, batch_size, points, dev="study" not in run
     )
     start = time.perf_counter()
     result = recipes.finetune(
-        lambda: preprocessing.build_model(spec, preset, pooling=pooling)[0],
+        lambda: preprocessing.build_model(
+            spec, preset, pooling=pooling, output_bias=output_bias
+        )[0],
         (prepared.x_train, prepared.y_train),
         (prepared.x_dev, prepared.y_dev),
         run["method"],

@@ -129,9 +129,10 @@ class PlateauStudiesTest(TestCase):
         parameters = inspect.signature(recipes.finetune).parameters
         for run in runs[:8]:
             epochs = glue.epoch_budget(args, run, 1000, 1000)
-            settings = glue.run_settings(args, run, *epochs)
+            settings = glue.run_settings(args, run, *epochs, 1000)
             self.assertLessEqual(set(settings), set(parameters))
             self.assertEqual(settings["early_stopping_patience"], 3)
+            self.assertEqual(settings["batch_size"], glue.SMALL_BATCH_SIZE)
             self.assertEqual(
                 settings["learning_rate"], run["changes"]["learning_rate"]
             )
@@ -139,6 +140,9 @@ class PlateauStudiesTest(TestCase):
             self.assertEqual(settings["hypergradient"], expected)
             bidora = run["method"] == "bidora"
             self.assertEqual(epochs, (20, 5 if bidora else 0))
+        # Above SMALL_BATCH_LIMIT examples, the library's batch size.
+        larger = glue.run_settings(args, runs[0], 20, 0, 1001)
+        self.assertEqual(larger["batch_size"], glue.config.BATCH_SIZE)
 
     def test_small_data_plan_shares_subsets_across_methods(self):
         args = self._args("small-data")
@@ -380,7 +384,7 @@ class GlueBenchmarkTest(TestCase):
                 ("sst2", "bidora", 4, {"hypergradient": "first_order"}),
             ],
         )
-        settings = glue.run_settings(args, runs[0], 2, 1)
+        settings = glue.run_settings(args, runs[0], 2, 1, 1000)
         self.assertEqual(settings["upper_every"], 4)
         # The other settings are the main study's, whatever the library's
         # defaults (darts, not its default first_order).
@@ -403,7 +407,7 @@ class GlueBenchmarkTest(TestCase):
             "--setting",
             "retrain_init=reinitialize",
         )
-        settings = glue.run_settings(args, runs[0], 2, 1)
+        settings = glue.run_settings(args, runs[0], 2, 1, 1000)
         self.assertEqual(settings["learning_rate"], 2e-3)
         self.assertEqual(settings["retrain_init"], "reinitialize")
         with pytest.raises(SystemExit):
@@ -467,7 +471,9 @@ class GlueBenchmarkTest(TestCase):
         for run, value in zip(runs, (0.5, 0.6, 0.7)):
             epochs, retrain = glue.epoch_budget(args, run, 200, 1000)
             record = _record("sst2", run["method"], 0, value, run["changes"])
-            record["settings"] = glue.run_settings(args, run, epochs, retrain)
+            record["settings"] = glue.run_settings(
+                args, run, epochs, retrain, 200
+            )
             records.append(record)
         # Runs made before the recipe moved into the library kept their
         # command line instead; both count their epochs alike.
@@ -854,6 +860,9 @@ class GlueStudyRunTest(TestCase):
                 record["method"], {"train"}
             )
             self.assertEqual(set(record["stopping_loss"]), phases)
+            self.assertEqual(
+                record["settings"]["batch_size"], glue.SMALL_BATCH_SIZE
+            )
             for phase, epoch in record["best_epochs"].items():
                 losses = record["history"][phase]["val_loss"]
                 self.assertEqual(losses[epoch - 1], min(losses))

@@ -137,10 +137,11 @@ def train_method(
         predictions = prepared.encoder.decode(model_outputs, prepared.dev.texts)
         return spec.score(prepared.dev.labels, predictions)
 
+    output_bias = preprocessing.initial_output_bias(spec, prepared.y_train)
     try:
         finetuned = recipes.finetune(
             lambda: preprocessing.build_model(
-                spec, preset, pooling=args.pooling
+                spec, preset, pooling=args.pooling, output_bias=output_bias
             )[0],
             (prepared.x_train, prepared.y_train),
             (prepared.x_dev, prepared.y_dev),

@@ -14,6 +14,7 @@ from keras_bidora.data.preprocessing import IGNORE
 from keras_bidora.data.preprocessing import Encoder
 from keras_bidora.data.preprocessing import build_model
 from keras_bidora.data.preprocessing import default_preset
+from keras_bidora.data.preprocessing import initial_output_bias
 from keras_bidora.data.preprocessing import resolve_preset
 from keras_bidora.data.task_spec import TASKS
 from keras_bidora.data.task_spec import TaskSpec
@@ -29,6 +30,7 @@ __all__ = [
     "build_model",
     "default_preset",
     "get_task_spec",
+    "initial_output_bias",
     "iob1_to_iob2",
     "load_e2e",
     "load_files",

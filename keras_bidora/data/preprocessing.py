@@ -122,7 +122,9 @@ def load_preprocessor(preset, sequence_length):
     )
 
 
-def build_model(spec, preset, dropout=0.1, pooling=config.POOLING):
+def build_model(
+    spec, preset, dropout=0.1, pooling=config.POOLING, output_bias=None
+):
     """The preset's backbone with a freshly initialised head for `spec`.
 
     Classification and regression (`num_classes=1`) read the backbone in
@@ -137,19 +139,36 @@ def build_model(spec, preset, dropout=0.1, pooling=config.POOLING):
     attribute, as a KerasHub task does, so that adapter injection freezes
     only the backbone and the head trains.
 
+    The head's bias starts at zero, or at `output_bias`: for regression,
+    `initial_output_bias(spec, y_train)`, the training targets' mean, so
+    that the first steps learn the task rather than the targets' offset
+    (STS-B's scores average 2.7; a zero-bias head spends its first epochs
+    reaching that at a LoRA learning rate).
+
     Args:
         spec: the task's `TaskSpec`.
         preset: a preset name or folder (see `resolve_preset`).
         dropout: dropout before the head's `Dense` layer (the functional
             heads; KerasHub's `TextClassifier` has its own, also 0.1).
         pooling: one of `config.POOLINGS` (classification and regression).
+        output_bias: the head's initial bias: `None` (zeros), a number, or
+            one number per output unit (`spec.num_classes`).
 
     Returns:
         `(model, backbone)`.
 
     Raises:
-        ValueError: for an unknown `pooling`, or a preset that cannot be
-            loaded.
+        ValueError: for an unknown `pooling`, an `output_bias` of another
+            shape than the head's, or a preset that cannot be loaded.
+
+    Example:
+
+    ```python
+    spec = get_task_spec("stsb")
+    model, backbone = build_model(
+        spec, preset, output_bias=initial_output_bias(spec, y_train)
+    )
+    ```
     """
     import keras_hub
 
@@ -158,6 +177,7 @@ def build_model(spec, preset, dropout=0.1, pooling=config.POOLING):
             f"pooling must be one of {', '.join(config.POOLINGS)}. "
             f"Received: pooling={pooling!r}"
         )
+    bias = _output_bias(spec, output_bias)
     if spec.kind != "token_classification" and pooling == "cls":
         model = _load(
             "classifier",
@@ -166,20 +186,69 @@ def build_model(spec, preset, dropout=0.1, pooling=config.POOLING):
             ),
             preset,
         )
-        return model, model.backbone
-    backbone = _load("backbone", keras_hub.models.Backbone.from_preset, preset)
-    if spec.kind == "token_classification":
-        return _functional_head(
-            backbone, spec, dropout, None, "token_logits", "token_classifier"
+        head, backbone = model.get_layer("logits"), model.backbone
+    else:
+        backbone = _load(
+            "backbone", keras_hub.models.Backbone.from_preset, preset
         )
-    return _functional_head(
-        backbone, spec, dropout, "mean", "logits", "mean_pooled_classifier"
-    )
+        model, head = _functional_head(backbone, spec, dropout, pooling)
+    if bias is not None:
+        head.bias.assign(bias)
+    return model, backbone
 
 
-def _functional_head(backbone, spec, dropout, pooling, head_name, name):
-    """`(model, backbone)`: a Dense head on the backbone's sequence output,
-    averaged over the padding mask first when `pooling == "mean"`."""
+def initial_output_bias(spec, targets):
+    """The head's initial bias for `spec`'s training targets, or `None`.
+
+    For regression, the targets' mean (see `build_model`); `None` (a zero
+    bias) for the other kinds.
+
+    Args:
+        spec: the task's `TaskSpec`.
+        targets: the training targets (`Encoder.encode`'s), array-like.
+
+    Returns:
+        A float, or `None`.
+
+    Example:
+
+    >>> from keras_bidora.data import get_task_spec
+    >>> initial_output_bias(get_task_spec("stsb"), [1.0, 2.0, 4.5])
+    2.5
+    >>> initial_output_bias(get_task_spec("sst2"), [0, 1, 1]) is None
+    True
+    """
+    if spec.kind != "regression":
+        return None
+    targets = np.asarray(targets, dtype="float64")
+    if targets.size == 0:
+        raise ValueError(
+            "The head's initial bias needs at least one training target. "
+            f"Received: targets of shape {targets.shape}"
+        )
+    return float(targets.mean())
+
+
+def _output_bias(spec, output_bias):
+    """`output_bias` as a float32 array of the head's shape, or `None`."""
+    if output_bias is None:
+        return None
+    bias = np.asarray(output_bias, dtype="float32")
+    if bias.ndim == 0:
+        bias = np.full((spec.num_classes,), bias, "float32")
+    if bias.shape != (spec.num_classes,) or not np.all(np.isfinite(bias)):
+        raise ValueError(
+            "output_bias must be a finite number or one per output unit "
+            f"({spec.num_classes} for {spec.name}). Received: "
+            f"output_bias={output_bias!r}"
+        )
+    return bias
+
+
+def _functional_head(backbone, spec, dropout, pooling):
+    """`(model, head)`: a Dense head on the backbone's sequence output
+    ("token_logits", for token classification) or on its mean over the
+    padding mask ("logits")."""
     import keras
 
     inputs = {
@@ -190,19 +259,21 @@ def _functional_head(backbone, spec, dropout, pooling, head_name, name):
     hidden = (
         outputs["sequence_output"] if isinstance(outputs, dict) else outputs
     )
-    if pooling == "mean":
+    tokens = spec.kind == "token_classification"
+    if not tokens:
         hidden = keras.layers.GlobalAveragePooling1D(name="mean_pooling")(
             hidden, mask=inputs.get("padding_mask")
         )
     hidden = keras.layers.Dropout(dropout, name="output_dropout")(hidden)
-    logits = keras.layers.Dense(
+    head = keras.layers.Dense(
         spec.num_classes,
         kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
-        name=head_name,
-    )(hidden)
-    model = keras.Model(inputs, logits, name=name)
+        name="token_logits" if tokens else "logits",
+    )
+    name = "token_classifier" if tokens else "mean_pooled_classifier"
+    model = keras.Model(inputs, head(hidden), name=name)
     model.backbone = backbone
-    return model, backbone
+    return model, head
 
 
 def _to_numpy(value):
