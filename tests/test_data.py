@@ -333,7 +333,7 @@ def test_mean_pooled_head_averages_the_unpadded_tokens(tiny_preset, tmp_path):
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_regression_head_starts_at_the_targets_mean(tiny_preset, pooling):
-    import keras
+    import keras_hub
 
     from keras_bidora.data import build_model
     from keras_bidora.data import initial_output_bias
@@ -342,13 +342,16 @@ def test_regression_head_starts_at_the_targets_mean(tiny_preset, pooling):
     targets = np.random.default_rng(1).uniform(0, 5, 40).astype("float32")
     bias = initial_output_bias(spec, targets)
     assert bias == pytest.approx(float(np.mean(targets.astype("float64"))))
-    model, backbone = build_model(spec, tiny_preset, pooling, output_bias=bias)
+    model, _ = build_model(spec, tiny_preset, pooling=pooling, output_bias=bias)
+    # The head that `pooling` names, not the other.
+    assert isinstance(model, keras_hub.models.TextClassifier) == (
+        pooling == "cls"
+    )
     np.testing.assert_allclose(
         model.get_layer("logits").bias.numpy(), [targets.mean()], rtol=1e-6
     )
     # The outputs are the zero-bias head's plus the mean.
-    keras.utils.set_random_seed(3)
-    plain, _ = build_model(spec, tiny_preset, pooling)
+    plain, _ = build_model(spec, tiny_preset, pooling=pooling)
     plain.set_weights(model.get_weights())
     plain.get_layer("logits").bias.assign(np.zeros(1, "float32"))
     x = {
@@ -371,13 +374,16 @@ def test_output_bias_is_none_for_labels_and_checked_for_shape(tiny_preset):
     with pytest.raises(ValueError, match=r"shape \(0,\)"):
         initial_output_bias(get_task_spec("stsb"), [])
     mrpc = get_task_spec("mrpc")
-    model, _ = build_model(mrpc, tiny_preset, "mean", output_bias=[0.5, -1])
+    model, _ = build_model(
+        mrpc, tiny_preset, pooling="mean", output_bias=[0.5, -1]
+    )
+    assert model.name == "mean_pooled_classifier"
     np.testing.assert_array_equal(
         model.get_layer("logits").bias.numpy(), [0.5, -1]
     )
     for bad in ([1.0, 2.0, 3.0], float("nan")):
         with pytest.raises(ValueError, match="output_bias="):
-            build_model(mrpc, tiny_preset, "mean", output_bias=bad)
+            build_model(mrpc, tiny_preset, pooling="mean", output_bias=bad)
 
 
 def test_build_model_refuses_an_unknown_pooling(tiny_preset):

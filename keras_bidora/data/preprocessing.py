@@ -191,7 +191,7 @@ def build_model(
         backbone = _load(
             "backbone", keras_hub.models.Backbone.from_preset, preset
         )
-        model, head = _functional_head(backbone, spec, dropout, pooling)
+        model, head = _functional_head(backbone, spec, dropout)
     if bias is not None:
         head.bias.assign(bias)
     return model, backbone
@@ -245,7 +245,7 @@ def _output_bias(spec, output_bias):
     return bias
 
 
-def _functional_head(backbone, spec, dropout, pooling):
+def _functional_head(backbone, spec, dropout):
     """`(model, head)`: a Dense head on the backbone's sequence output
     ("token_logits", for token classification) or on its mean over the
     padding mask ("logits")."""
