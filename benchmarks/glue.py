@@ -139,10 +139,15 @@ PLATEAU_STUDIES = ("pilot", "floors", "small-data")
 POOLING = "cls"
 LEARNING_RATES = (5e-4, 1e-3, 2e-3, 5e-3)
 PATIENCE = 3
+# No phase stops before this many steps: on small data the held-out loss
+# can sit at the targets' variance for several short epochs, and BiDoRA's
+# bi-level phase stopped before it had learned (benchmarks/README.md,
+# "Small data needs steps").
+MIN_STEPS = 300
 # Maxima: the first phase (LoRA and DoRA's only one, BiDoRA's bi-level
-# one) and BiDoRA's retrain phase, which starts from a trained direction.
+# one) and BiDoRA's retrain phase; each stops early before it.
 MAX_EPOCHS = 20
-MAX_RETRAIN_EPOCHS = 5
+MAX_RETRAIN_EPOCHS = 20
 PILOT_SIZE = 1000
 # The batch size of a plateau run on at most SMALL_BATCH_LIMIT examples
 # (config.BATCH_SIZE above): at 32, STS-B's 270 training examples make 9
@@ -270,6 +275,13 @@ def parse_args(argv=None):
         default=COMPARED_METHODS,
     )
     parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=tuple(ARMS),
+        default=tuple(ARMS),
+        help="pilot, small-data: the methods trained (all of them)",
+    )
+    parser.add_argument(
         "--seeds",
         nargs="+",
         type=int,
@@ -320,6 +332,13 @@ def parse_args(argv=None):
         help="pilot, floors, small-data: epochs without a lower loss on "
         f"the held-out part of the training data before stopping "
         f"({PATIENCE})",
+    )
+    parser.add_argument(
+        "--min-steps",
+        type=int,
+        default=MIN_STEPS,
+        help="pilot, floors, small-data: training steps of each phase "
+        f"before it may stop early ({MIN_STEPS})",
     )
     parser.add_argument(
         "--max-epochs",
@@ -575,7 +594,7 @@ def plateau_runs(args, records=None):
             )
             for seed in args.seeds
             for task in args.tasks
-            for arm in ARMS
+            for arm in args.arms
             for rate in args.learning_rates
         ]
     if records is None:
@@ -588,7 +607,7 @@ def plateau_runs(args, records=None):
         for task in args.tasks:
             base = variant(args, task)
             for size in sizes:
-                for arm in ("lora",) if floors else ARMS:
+                for arm in ("lora",) if floors else args.arms:
                     rate = learning_rate_of(args, chosen, task, arm)
                     runs.append(
                         _plateau_run(
@@ -875,7 +894,8 @@ def _write_atomic(path, write, mode):
 def run_settings(args, run, epochs, retrain_epochs, train_examples):
     """The `recipes.finetune` arguments of `run` (beyond data and method)
     on `train_examples` examples: the plateau studies' runs also stop
-    early, at their learning rate, in `plateau_batch_size` batches."""
+    early (after `--min-steps` steps at least), at their learning rate, in
+    `plateau_batch_size` batches."""
     settings = {
         "seed": run["seed"],
         "epochs": epochs,
@@ -889,6 +909,7 @@ def run_settings(args, run, epochs, retrain_epochs, train_examples):
     if "study" in run:
         settings["learning_rate"] = run["changes"]["learning_rate"]
         settings["early_stopping_patience"] = args.patience
+        settings["early_stopping_min_steps"] = args.min_steps
         settings["batch_size"] = plateau_batch_size(train_examples)
     settings.update(args.setting)
     return settings

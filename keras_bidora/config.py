@@ -110,6 +110,9 @@ POOLING = "cls"
 # Early stopping (`recipes.finetune(early_stopping_patience=N)`): the share
 # of the training data held out to watch, never the dev data.
 EARLY_STOPPING_FRACTION = 0.1
+# ...and the training steps of a phase before it may stop
+# (`early_stopping_min_steps`): none by default.
+EARLY_STOPPING_MIN_STEPS = 0
 
 
 def sequence_length(task):

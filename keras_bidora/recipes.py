@@ -171,6 +171,7 @@ def finetune(
     callbacks=(),
     early_stopping_patience=None,
     early_stopping_fraction=config.EARLY_STOPPING_FRACTION,
+    early_stopping_min_steps=config.EARLY_STOPPING_MIN_STEPS,
     log=print,
 ):
     """Fine-tunes a KerasHub task with one method's adapters.
@@ -201,7 +202,10 @@ def finetune(
     `early_stopping_patience` epochs without improvement and restores the
     weights of its best epoch (`keras.callbacks.EarlyStopping`);
     `epochs` and `retrain_epochs` are then maxima. The dev data is then
-    only predicted at the end.
+    only predicted at the end. On small data an epoch is a few steps, and
+    the held-out loss can sit still for several epochs before it falls;
+    `early_stopping_min_steps` keeps every phase training for at least that
+    many steps (the best epoch is still chosen among all of them).
 
     Args:
         model: a built `keras.Model` (a KerasHub task, or any model with a
@@ -257,6 +261,9 @@ def finetune(
             its best epoch's weights.
         early_stopping_fraction: the share of the training data held out
             for early stopping, in (0, 1); seeded by `seed`.
+        early_stopping_min_steps: with `early_stopping_patience`, no phase
+            stops early before it has trained this many steps (batches of
+            `fit`; BiDoRA's bi-level phase counts its direction steps).
         log: a function of one string for progress lines (`None`: silent).
 
     Returns:
@@ -265,7 +272,7 @@ def finetune(
     Raises:
         ValueError: for an unknown `method` or `retrain_init`, a missing
             `loss`, `dropout` with "keras-lora", `targets` matching no
-            layer, or an invalid adapter setting.
+            layer, an invalid adapter or early-stopping setting.
 
     Example:
 
@@ -295,6 +302,7 @@ def finetune(
     """
     _check_arguments(method, retrain_init, loss, dropout)
     _check_raw_inputs(method, train)
+    _check_min_steps(early_stopping_min_steps, early_stopping_patience)
     stopping = None
     if early_stopping_patience is not None:
         train, stopping = hold_out(
@@ -343,7 +351,9 @@ def finetune(
     compile_kwargs = {"loss": loss}
     if metrics is not None:
         compile_kwargs["metrics"] = metrics
-    recorder = _Recorder(callbacks, early_stopping_patience)
+    recorder = _Recorder(
+        callbacks, early_stopping_patience, early_stopping_min_steps
+    )
     start = time.perf_counter()
     if method == "bidora":
         _train_bilevel(
@@ -397,15 +407,7 @@ def hold_out(train, fraction, seed, patience=1):
     >>> len(fitted[0]), len(held_out[0])
     (8, 2)
     """
-    if (
-        isinstance(patience, bool)
-        or not isinstance(patience, int)
-        or (patience < 1)
-    ):
-        raise ValueError(
-            "early_stopping_patience must be None or a positive integer. "
-            f"Received: early_stopping_patience={patience!r}"
-        )
+    _check_count("early_stopping_patience", patience, 1)
     if not 0 < fraction < 1:
         raise ValueError(
             "early_stopping_fraction must be in (0, 1). Received: "
@@ -477,6 +479,26 @@ def _check_arguments(method, retrain_init, loss, dropout):
         raise ValueError(
             "dropout is not supported by method='keras-lora' (KerasHub's "
             f"LoRA has no adapter dropout). Received: dropout={dropout}"
+        )
+
+
+def _check_count(name, value, minimum):
+    """Refuses anything but an integer of at least `minimum` (not a bool),
+    quoting it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"{name} must be an integer >= {minimum}. Received: "
+            f"{name}={value!r}"
+        )
+
+
+def _check_min_steps(min_steps, patience):
+    _check_count("early_stopping_min_steps", min_steps, 0)
+    if min_steps and patience is None:
+        raise ValueError(
+            "early_stopping_min_steps needs early_stopping_patience (early "
+            f"stopping is off). Received: early_stopping_min_steps="
+            f"{min_steps!r}, early_stopping_patience=None"
         )
 
 
@@ -765,10 +787,16 @@ class _Recorder:
     """Collects losses per batch and per epoch, steps and wall time across
     the phases of a run."""
 
-    def __init__(self, callbacks, early_stopping_patience=None):
+    def __init__(
+        self,
+        callbacks,
+        early_stopping_patience=None,
+        early_stopping_min_steps=config.EARLY_STOPPING_MIN_STEPS,
+    ):
         self.phases = []
         self.extra_callbacks = list(callbacks)
         self.early_stopping_patience = early_stopping_patience
+        self.early_stopping_min_steps = early_stopping_min_steps
 
     def callbacks(self, phase):
         """A phase's `fit` callbacks: its recorder, the caller's, then early
@@ -783,13 +811,65 @@ class _Recorder:
         self.phases.append(record)
         callbacks = [_RecordingCallback(record), *self.extra_callbacks]
         if self.early_stopping_patience is not None:
-            record["early_stopping"] = keras.callbacks.EarlyStopping(
+            record["early_stopping"] = MinStepsEarlyStopping(
+                self.early_stopping_min_steps,
                 monitor="val_loss",
                 patience=self.early_stopping_patience,
                 restore_best_weights=True,
             )
             callbacks.append(record["early_stopping"])
         return callbacks
+
+
+class MinStepsEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras's `EarlyStopping` that does not stop before `min_steps`
+    training steps.
+
+    Unlike `start_from_epoch`, every epoch is watched from the first: the
+    best epoch (the one restored) is chosen among all of them, and once
+    `min_steps` steps have run, training stops as soon as the best epoch is
+    `patience` epochs old. A stop asked by another callback is left alone.
+
+    Args:
+        min_steps: the training steps (batches) before stopping may begin.
+        **kwargs: `keras.callbacks.EarlyStopping`'s arguments.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> from keras_bidora.recipes import MinStepsEarlyStopping
+    >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    >>> model.compile(keras.optimizers.SGD(0.0), "mse")  # loss never falls
+    >>> x, y = np.ones((4, 1)), np.zeros((4, 1))
+    >>> history = model.fit(x, y, validation_data=(x, y), batch_size=2,
+    ...     epochs=10, verbose=0, callbacks=[MinStepsEarlyStopping(
+    ...         min_steps=8, patience=1)])
+    >>> len(history.history["loss"])  # 4 epochs of 2 steps
+    4
+    """
+
+    def __init__(self, min_steps, **kwargs):
+        super().__init__(**kwargs)
+        self.min_steps = min_steps
+        self.steps = 0
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        stopping = self.model.stop_training
+        super().on_epoch_end(epoch, logs)
+        if (
+            not stopping
+            and self.model.stop_training
+            and self.steps < self.min_steps
+        ):
+            self.model.stop_training = False
+            self.stopped_epoch = 0
 
 
 class _RecordingCallback(keras.callbacks.Callback):

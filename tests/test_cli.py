@@ -121,6 +121,25 @@ def test_upper_batch_size_reaches_finetune():
         assert settings["upper_batch_size"] == expected, flags
 
 
+def test_early_stopping_min_steps_reach_finetune():
+    from keras_bidora.cli import inputs
+    from keras_bidora.cli.parser import UsageError
+
+    parser = cli.build_parser()
+    command = ["train", "--task", "sst2", "--out", "unused"]
+    args = parser.parse_args(command)
+    assert inputs.recipe_settings(args)["early_stopping_min_steps"] == 0
+    args = parser.parse_args(
+        [*command, "--early-stopping-patience", "2"]
+        + ["--early-stopping-min-steps", "300"]
+    )
+    settings = inputs.recipe_settings(args)
+    assert settings["early_stopping_min_steps"] == 300
+    assert settings["early_stopping_patience"] == 2
+    with pytest.raises(UsageError, match="non-negative integer, got '-1'"):
+        parser.parse_args([*command, "--early-stopping-min-steps", "-1"])
+
+
 # Bad input --------------------------------------------------------------
 
 

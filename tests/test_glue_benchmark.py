@@ -132,6 +132,9 @@ class PlateauStudiesTest(TestCase):
             settings = glue.run_settings(args, run, *epochs, 1000)
             self.assertLessEqual(set(settings), set(parameters))
             self.assertEqual(settings["early_stopping_patience"], 3)
+            self.assertEqual(
+                settings["early_stopping_min_steps"], glue.MIN_STEPS
+            )
             self.assertEqual(settings["batch_size"], glue.SMALL_BATCH_SIZE)
             self.assertEqual(
                 settings["learning_rate"], run["changes"]["learning_rate"]
@@ -139,10 +142,20 @@ class PlateauStudiesTest(TestCase):
             expected = run["changes"].get("hypergradient", "first_order")
             self.assertEqual(settings["hypergradient"], expected)
             bidora = run["method"] == "bidora"
-            self.assertEqual(epochs, (20, 5 if bidora else 0))
+            retrain = glue.MAX_RETRAIN_EPOCHS if bidora else 0
+            self.assertEqual(epochs, (glue.MAX_EPOCHS, retrain))
         # Above SMALL_BATCH_LIMIT examples, the library's batch size.
         larger = glue.run_settings(args, runs[0], 20, 0, 1001)
         self.assertEqual(larger["batch_size"], glue.config.BATCH_SIZE)
+
+    def test_arms_choose_the_methods_of_the_plateau_studies(self):
+        arms = ("lora", "bidora")
+        for study in ("pilot", "small-data"):
+            args = self._args(study, "--arms", *arms, "--tasks", "stsb")
+            runs = glue.planned_runs(args, self._pilot_records())
+            self.assertEqual({glue.arm_of(r) for r in runs}, set(arms))
+            per_arm = len(args.learning_rates) if study == "pilot" else 15
+            self.assertLen(runs, len(arms) * per_arm)
 
     def test_small_data_plan_shares_subsets_across_methods(self):
         args = self._args("small-data")
@@ -862,6 +875,9 @@ class GlueStudyRunTest(TestCase):
             self.assertEqual(set(record["stopping_loss"]), phases)
             self.assertEqual(
                 record["settings"]["batch_size"], glue.SMALL_BATCH_SIZE
+            )
+            self.assertEqual(
+                record["settings"]["early_stopping_min_steps"], glue.MIN_STEPS
             )
             for phase, epoch in record["best_epochs"].items():
                 losses = record["history"][phase]["val_loss"]

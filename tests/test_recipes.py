@@ -263,6 +263,19 @@ def cross_entropy(logits, labels):
     return float(-np.mean(log_p[np.arange(len(labels)), labels]))
 
 
+def stopping_epochs(losses, patience, min_steps, steps_per_epoch=3, most=12):
+    """The epochs early stopping trains, from the held-out losses: it
+    stops at the first epoch whose best is `patience` epochs old once
+    `min_steps` steps have run (3 an epoch: 48 examples in batches of 16),
+    or after `most` epochs."""
+    for epoch in range(1, len(losses)):
+        best = int(np.argmin(losses[: epoch + 1]))
+        steps = (epoch + 1) * steps_per_epoch
+        if epoch - best >= patience and steps >= min_steps:
+            return epoch + 1
+    return most
+
+
 class EarlyStoppingTest(TestCase):
     def test_hold_out_is_a_seeded_partition_of_every_structure(self):
         texts = [f"text {i}" for i in range(20)]
@@ -308,6 +321,15 @@ class EarlyStoppingTest(TestCase):
                 dict(early_stopping_patience=2, early_stopping_fraction=1.0),
                 "early_stopping_fraction=1.0",
             ),
+            (
+                dict(early_stopping_patience=2, early_stopping_min_steps=-1),
+                "early_stopping_min_steps=-1",
+            ),
+            (
+                dict(early_stopping_patience=2, early_stopping_min_steps=2.5),
+                "early_stopping_min_steps=2.5",
+            ),
+            (dict(early_stopping_min_steps=5), "early_stopping_patience=None"),
         ]
         task = build_task()
         before = [to_numpy(v) for v in task.weights]
@@ -319,18 +341,19 @@ class EarlyStoppingTest(TestCase):
         for value, old in zip(task.weights, before):
             self.assertAllClose(to_numpy(value), old, atol=0)
 
-    def assert_restores_the_best_epoch(self, result, log, phase, patience):
+    def assert_restores_the_best_epoch(
+        self, result, log, phase, patience, min_steps=0
+    ):
         losses = log.val_loss
         best = int(np.argmin(losses))
         self.assertEqual(result.best_epochs[phase], best + 1)
         self.assertAllClose(result.stopping_loss[phase], losses[best])
-        # Keras stops `patience` epochs after the best one, or at the end.
-        self.assertLen(losses, min(best + 1 + patience, 12))
+        self.assertLen(losses, stopping_epochs(losses, patience, min_steps))
         self.assertLen(result.model.weights, len(log.weights[best]))
         for restored, kept in zip(result.model.weights, log.weights[best]):
             self.assertAllClose(to_numpy(restored), kept, atol=0)
 
-    def stopped_run(self, method, patience, **kwargs):
+    def stopped_run(self, method, patience, callbacks=(), **kwargs):
         """`method` on random labels (the held-out loss rises once the
         model memorises), early stopped on a quarter of the training data;
         `(result, epoch log, held-out part)`."""
@@ -344,7 +367,7 @@ class EarlyStoppingTest(TestCase):
             epochs=12,
             learning_rate=3e-2,
             validation=True,
-            callbacks=[log],
+            callbacks=[*callbacks, log],
             early_stopping_patience=patience,
             early_stopping_fraction=0.25,
             **kwargs,
@@ -367,6 +390,31 @@ class EarlyStoppingTest(TestCase):
         self.assert_restores_the_best_epoch(result, log, "train", 2)
         self.assert_stopping_loss_is_held_out_loss(result, held_out, "train")
         self.assertEqual(result.steps["train"], 3 * len(log.val_loss))
+
+    def test_min_steps_delay_the_stop_and_the_best_epoch_is_restored(self):
+        result, log, held_out = self.stopped_run(
+            "lora", patience=1, early_stopping_min_steps=18
+        )
+        self.assertGreaterEqual(len(log.val_loss), 6)
+        # Without the minimum it would have stopped sooner: the minimum,
+        # not the losses, kept it training.
+        self.assertLess(stopping_epochs(log.val_loss, 1, 0), len(log.val_loss))
+        self.assert_restores_the_best_epoch(result, log, "train", 1, 18)
+        self.assert_stopping_loss_is_held_out_loss(result, held_out, "train")
+
+    def test_min_steps_leave_another_callbacks_stop_alone(self):
+        class StopAfterTwo(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                self.model.stop_training = epoch == 1
+
+        result, log, _ = self.stopped_run(
+            "lora",
+            patience=1,
+            early_stopping_min_steps=1000,
+            callbacks=[StopAfterTwo()],
+        )
+        self.assertLen(log.val_loss, 2)
+        self.assertLen(result.history["train"]["val_loss"], 2)
 
     def test_bidora_stops_each_phase(self):
         result, log, held_out = self.stopped_run(

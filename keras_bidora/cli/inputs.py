@@ -200,6 +200,7 @@ def recipe_settings(args):
         seed=args.seed,
         early_stopping_patience=args.early_stopping_patience,
         early_stopping_fraction=args.early_stopping_fraction,
+        early_stopping_min_steps=args.early_stopping_min_steps,
         validation=not args.no_validation,
         verbose=args.verbose,
     )

@@ -45,6 +45,9 @@ def _number_type(convert, accept, expected):
 
 
 _positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _number_type(
+    int, lambda v: v >= 0, "a non-negative integer"
+)
 _positive_float = _number_type(
     float, lambda v: v > 0 and math.isfinite(v), "a positive number"
 )
@@ -261,6 +264,15 @@ def _add_schedule(training, demo):
         "the dev data), stop each phase after N epochs without a lower "
         "loss on it and restore its best epoch; --epochs and "
         "--retrain-epochs are then maxima (default: off)",
+    )
+    training.add_argument(
+        "--early-stopping-min-steps",
+        type=_non_negative_int,
+        default=config.EARLY_STOPPING_MIN_STEPS,
+        metavar="N",
+        help="with --early-stopping-patience: no phase stops before N "
+        "training steps; on small data the held-out loss can stay flat for "
+        "several short epochs before it falls (%(default)s)",
     )
     training.add_argument(
         "--early-stopping-fraction",
