@@ -89,6 +89,8 @@ if __name__ == "__main__":
     os.environ["KERAS_BACKEND"] = _early.parse_known_args()[0].backend
 
 from keras_bidora import config  # noqa: E402
+from keras_bidora.cli.parser import non_negative_int  # noqa: E402
+from keras_bidora.cli.parser import positive_int  # noqa: E402
 from keras_bidora.config import COMPARED_METHODS  # noqa: E402
 from keras_bidora.data import loaders  # noqa: E402
 from keras_bidora.data import preprocessing  # noqa: E402
@@ -237,7 +239,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--train-sizes",
         nargs="+",
-        type=int,
+        type=positive_int,
         default=TRAIN_SIZES,
         metavar="N",
         help="the training-set sizes of `--vary train_size` (200 1000; the "
@@ -312,7 +314,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--pilot-size",
-        type=int,
+        type=positive_int,
         default=PILOT_SIZE,
         metavar="N",
         help=f"the pilot's training subset ({PILOT_SIZE})",
@@ -320,14 +322,14 @@ def parse_args(argv=None):
     parser.add_argument(
         "--small-sizes",
         nargs="+",
-        type=int,
+        type=positive_int,
         default=SMALL_SIZES,
         metavar="N",
         help="small-data's training-set sizes (100 300 1000)",
     )
     parser.add_argument(
         "--patience",
-        type=int,
+        type=positive_int,
         default=PATIENCE,
         help="pilot, floors, small-data: epochs without a lower loss on "
         f"the held-out part of the training data before stopping "
@@ -335,27 +337,27 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--min-steps",
-        type=int,
+        type=non_negative_int,
         default=MIN_STEPS,
         help="pilot, floors, small-data: training steps of each phase "
         f"before it may stop early ({MIN_STEPS})",
     )
     parser.add_argument(
         "--max-epochs",
-        type=int,
+        type=positive_int,
         default=MAX_EPOCHS,
         help="pilot, floors, small-data: most epochs of the first phase "
         f"(LoRA, DoRA; BiDoRA's bi-level phase) ({MAX_EPOCHS})",
     )
     parser.add_argument(
         "--max-retrain-epochs",
-        type=int,
+        type=positive_int,
         default=MAX_RETRAIN_EPOCHS,
         help=f"most epochs of BiDoRA's retrain phase ({MAX_RETRAIN_EPOCHS})",
     )
     parser.add_argument(
         "--epochs",
-        type=int,
+        type=positive_int,
         default=3,
         help="epoch budget of every method; BiDoRA: EPOCHS-1 bi-level "
         "epochs and 1 retrain epoch (3)",
@@ -391,7 +393,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--limit",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="use only the first N train and dev examples of each task (a "
         "quick check of the script, not a result)",
@@ -956,18 +958,47 @@ def epoch_budget(args, run, train_examples, full_examples):
     Every method gets `--epochs`, BiDoRA's bi-level and retrain epochs
     counted against it; a subset with the "examples" budget gets as many
     more epochs as make its examples seen those of the full set's run. A
-    plateau study's run gets `--max-epochs` (and BiDoRA
-    `--max-retrain-epochs`), maxima for its early stopping.
+    plateau study's run gets `plateau_epochs`, maxima for its early
+    stopping.
     """
     if "study" in run:
-        maxima = (args.max_epochs, args.max_retrain_epochs)
-        return maxima if run["method"] == "bidora" else (maxima[0], 0)
+        return plateau_epochs(args, run, train_examples)
     budget = args.epochs
     if run["changes"].get("budget") == "examples":
         budget = round(args.epochs * full_examples / train_examples)
     if run["method"] == "bidora":
         return budget - 1, 1
     return budget, 0
+
+
+def plateau_epochs(args, run, train_examples):
+    """`(epochs, retrain_epochs)` maxima of a plateau run.
+
+    `--max-epochs` (and BiDoRA's `--max-retrain-epochs`), raised where a
+    phase's epochs are so short that they would end before `--min-steps`
+    steps and `--patience` epochs after them: at 100 examples LoRA makes
+    12 steps an epoch and BiDoRA's bi-level phase 9, so 20 epochs would
+    stop them before the step budget.
+    """
+    batch_size = plateau_batch_size(train_examples)
+    fitted = train_examples - max(
+        1, round(config.EARLY_STOPPING_FRACTION * train_examples)
+    )
+    if run["method"] != "bidora":
+        return _enough_epochs(args, args.max_epochs, fitted, batch_size), 0
+    upper_fraction = run["changes"].get("upper_fraction", config.UPPER_FRACTION)
+    lower = fitted - max(1, round(upper_fraction * fitted))
+    return (
+        _enough_epochs(args, args.max_epochs, lower, batch_size),
+        _enough_epochs(args, args.max_retrain_epochs, fitted, batch_size),
+    )
+
+
+def _enough_epochs(args, maximum, examples, batch_size):
+    """`maximum`, or the epochs of `examples` in `batch_size` batches that
+    hold `--min-steps` steps and then `--patience` epochs, if more."""
+    steps = math.ceil(examples / batch_size)
+    return max(maximum, math.ceil(args.min_steps / steps) + args.patience)
 
 
 def train_indices(run, total):

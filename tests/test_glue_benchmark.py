@@ -5,7 +5,9 @@ real (tiny) study runs the script as documented, in a subprocess on the
 outer run's backend, and its second invocation must recompute nothing.
 """
 
+import contextlib
 import inspect
+import io
 import json
 import os
 import shutil
@@ -144,6 +146,16 @@ class PlateauStudiesTest(TestCase):
             bidora = run["method"] == "bidora"
             retrain = glue.MAX_RETRAIN_EPOCHS if bidora else 0
             self.assertEqual(epochs, (glue.MAX_EPOCHS, retrain))
+        # 100 examples: 10 held out for early stopping, 90 fitted in 12
+        # batches of 8; BiDoRA's bi-level phase fits 72 (18 upper) in 9.
+        # The first phase's maximum leaves room for 300 steps and 3
+        # epochs of patience after them; at 1000 examples 20 do.
+        for method, phases in (("lora", (12,)), ("bidora", (9, 12))):
+            run = {"study": "pilot", "method": method, "changes": {}}
+            maxima = glue.epoch_budget(args, run, 100, 100)
+            for epochs, steps in zip(maxima, phases):
+                self.assertGreaterEqual(epochs * steps, 300 + 3 * steps)
+                self.assertLess((epochs - 1) * steps, 300 + 3 * steps)
         # Above SMALL_BATCH_LIMIT examples, the library's batch size.
         larger = glue.run_settings(args, runs[0], 20, 0, 1001)
         self.assertEqual(larger["batch_size"], glue.config.BATCH_SIZE)
@@ -739,6 +751,25 @@ class GlueBenchmarkTest(TestCase):
         with pytest.raises(SystemExit):
             glue.parse_args(["--limit", "10"])
 
+    def test_bad_counts_are_refused_before_any_run(self):
+        for flag, value in (
+            ("--min-steps", "-1"),
+            ("--patience", "0"),
+            ("--max-epochs", "0"),
+            ("--max-retrain-epochs", "2.5"),
+            ("--small-sizes", "-100"),
+            ("--pilot-size", "many"),
+        ):
+            with self.subTest(flag=flag):
+                stderr = io.StringIO()
+                with contextlib.redirect_stderr(stderr):
+                    with pytest.raises(SystemExit):
+                        glue.parse_args(["--study", "pilot", flag, value])
+                self.assertIn(flag, stderr.getvalue())
+                self.assertIn(repr(value), stderr.getvalue())
+        args = glue.parse_args(["--study", "pilot", "--min-steps", "0"])
+        self.assertEqual(args.min_steps, 0)
+
 
 @pytest.mark.large
 class GlueStudyRunTest(TestCase):
@@ -818,7 +849,7 @@ class GlueStudyRunTest(TestCase):
 
     @pytest.mark.skipif(
         keras.config.backend() != "jax",
-        reason="24 tiny runs take about 2 minutes; the studies run on JAX "
+        reason="12 tiny runs take about 2 minutes; the studies run on JAX "
         "(their --backend default), so CI runs this once, under JAX",
     )
     def test_tiny_plateau_studies_run_and_resume(self):
@@ -835,6 +866,15 @@ class GlueStudyRunTest(TestCase):
             "1",
             "--patience",
             "1",
+            # 8 examples make one step an epoch: the first phase needs 4
+            # epochs for the minimum, more than --max-epochs.
+            "--min-steps",
+            "4",
+            # One arm of each level; test_arms_choose_the_methods_of_the_
+            # plateau_studies checks the plans of the others.
+            "--arms",
+            "lora",
+            "bidora",
             # JAX: the runs of a shape after the first skip compiling.
             "--jax-compilation-cache",
             os.path.join(out, "jax-cache"),
@@ -864,7 +904,7 @@ class GlueStudyRunTest(TestCase):
             )
             self.assertEqual(done.returncode, 0, done.stderr[-3000:])
         records = list(glue.read_runs(os.path.join(out, "runs.jsonl")).values())
-        self.assertLen(records, 4 * 2 + 2 * 2 * 4)
+        self.assertLen(records, 2 * 2 + 2 * 2 * 2)
         chosen = glue.chosen_learning_rates(records)
         for record in records:
             self.assertIn(record["study"], ("pilot", "small-data"))
@@ -876,9 +916,10 @@ class GlueStudyRunTest(TestCase):
             self.assertEqual(
                 record["settings"]["batch_size"], glue.SMALL_BATCH_SIZE
             )
-            self.assertEqual(
-                record["settings"]["early_stopping_min_steps"], glue.MIN_STEPS
-            )
+            self.assertEqual(record["settings"]["early_stopping_min_steps"], 4)
+            for phase, steps in record["steps"].items():
+                # No phase ends before the minimum, whatever --max-epochs.
+                self.assertGreaterEqual(steps, 4, (record["changes"], phase))
             for phase, epoch in record["best_epochs"].items():
                 losses = record["history"][phase]["val_loss"]
                 self.assertEqual(losses[epoch - 1], min(losses))
@@ -897,4 +938,4 @@ class GlueStudyRunTest(TestCase):
             small, capture_output=True, text=True, env=environment
         )
         self.assertEqual(again.returncode, 0, again.stderr[-3000:])
-        self.assertIn("24 runs on disk, 0 to run", again.stdout)
+        self.assertIn("12 runs on disk, 0 to run", again.stdout)

@@ -1,9 +1,15 @@
 """BiDoRA on the real pretrained MiniLM-L6 BERT and real SST-2 sentences.
 
-For each hypergradient, on the current backend: the bi-level phase on 96
-SST-2 training sentences lowers the training loss of the classifier (an
-independent evaluation with `evaluate` before and after) and moves the
-magnitudes, and retrain keeps them.
+For each hypergradient: the bi-level phase on 96 SST-2 training sentences
+lowers the training loss of the classifier (an independent evaluation with
+`evaluate` before and after) and moves the magnitudes.
+
+The default, `first_order`, runs on every backend. `darts` and `neumann`
+run on the real model under torch only: their arithmetic is checked on
+every backend against autodiff (tests/test_hypergradients.py), what this
+adds is a run at a real model's scale, and the three runs took 355 s
+under TensorFlow and 213 s under JAX in CI (compiling the bi-level
+programs for MiniLM), against 52 s under torch.
 """
 
 import keras
@@ -26,7 +32,10 @@ class RealRunTest(TestCase):
         cls.x, cls.y = encoder.encode(train.texts, train.labels)
 
     def test_each_hypergradient_lowers_the_loss(self):
-        for hypergradient in ("first_order", "darts", "neumann"):
+        hypergradients = ["first_order"]
+        if keras.config.backend() == "torch":
+            hypergradients += ["darts", "neumann"]
+        for hypergradient in hypergradients:
             keras.utils.set_random_seed(0)
             classifier, _ = data.build_model(self.spec, data.default_preset())
             model = keras_bidora.BiDoRAModel(

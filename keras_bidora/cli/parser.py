@@ -44,10 +44,9 @@ def _number_type(convert, accept, expected):
     return parse
 
 
-_positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
-_non_negative_int = _number_type(
-    int, lambda v: v >= 0, "a non-negative integer"
-)
+# Public: the benchmark scripts check their counts with them too.
+positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number_type(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number_type(
     float, lambda v: v > 0 and math.isfinite(v), "a positive number"
 )
@@ -64,7 +63,7 @@ def _upper_batch_size(text):
     if text == config.UPPER_BATCH_SIZE_PROPORTIONAL:
         return text
     try:
-        return _positive_int(text)
+        return positive_int(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             "expected a positive integer or "
@@ -73,7 +72,7 @@ def _upper_batch_size(text):
 
 
 def _sequence_length(text):
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < 8:
         raise argparse.ArgumentTypeError(
             f"expected a sequence length >= 8, got {text!r}"
@@ -148,7 +147,7 @@ def _add_adapters(parser):
     )
     model.add_argument(
         "--rank",
-        type=_positive_int,
+        type=positive_int,
         default=config.RANK,
         help="adapter rank (%(default)s)",
     )
@@ -207,7 +206,7 @@ def _add_bilevel(parser):
     )
     bilevel.add_argument(
         "--upper-every",
-        type=_positive_int,
+        type=positive_int,
         default=config.UPPER_EVERY,
         help="one magnitude step every this many direction steps (%(default)s)",
     )
@@ -233,7 +232,7 @@ def _add_bilevel(parser):
 def _add_schedule(training, demo):
     training.add_argument(
         "--epochs",
-        type=_positive_int,
+        type=positive_int,
         default=config.EPOCHS,
         help="epochs of training (of the bi-level phase for bidora) "
         "(%(default)s)",
@@ -258,7 +257,7 @@ def _add_schedule(training, demo):
     )
     training.add_argument(
         "--early-stopping-patience",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="hold out --early-stopping-fraction of the training data (never "
         "the dev data), stop each phase after N epochs without a lower "
@@ -267,7 +266,7 @@ def _add_schedule(training, demo):
     )
     training.add_argument(
         "--early-stopping-min-steps",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=config.EARLY_STOPPING_MIN_STEPS,
         metavar="N",
         help="with --early-stopping-patience: no phase stops before N "
@@ -283,7 +282,7 @@ def _add_schedule(training, demo):
     )
     training.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=config.BATCH_SIZE,
         help="batch size (%(default)s)",
     )
@@ -333,14 +332,14 @@ def _add_optimizer(training, demo):
 def _add_run(training, demo):
     training.add_argument(
         "--train-limit",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="use only the first N training examples"
         + (" (%(default)s)" if demo else ""),
     )
     training.add_argument(
         "--dev-limit",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="evaluate on the first N dev examples only",
     )
@@ -506,7 +505,7 @@ def _add_evaluate_command(commands):
     )
     evaluate.add_argument(
         "--dev-limit",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="score the first N examples only",
     )
@@ -553,7 +552,7 @@ def _add_generate_command(commands):
     generate.add_argument("prompts", nargs="+", metavar="PROMPT")
     generate.add_argument(
         "--max-length",
-        type=_positive_int,
+        type=positive_int,
         help="prompt and completion tokens together (default: the "
         "preprocessor's sequence length)",
     )
@@ -567,7 +566,7 @@ def _add_generate_command(commands):
 def _add_evaluation_batch_size(parser):
     parser.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=config.EVALUATION_BATCH_SIZE,
         help="(%(default)s)",
     )
