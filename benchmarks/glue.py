@@ -986,7 +986,9 @@ def plateau_epochs(args, run, train_examples):
     )
     if run["method"] != "bidora":
         return _enough_epochs(args, args.max_epochs, fitted, batch_size), 0
-    upper_fraction = run["changes"].get("upper_fraction", config.UPPER_FRACTION)
+    upper_fraction = run["changes"].get(
+        "upper_fraction", PLATEAU_SETTINGS["upper_fraction"]
+    )
     lower = fitted - max(1, round(upper_fraction * fitted))
     return (
         _enough_epochs(args, args.max_epochs, lower, batch_size),

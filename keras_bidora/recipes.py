@@ -303,6 +303,8 @@ def finetune(
     _check_arguments(method, retrain_init, loss, dropout)
     _check_raw_inputs(method, train)
     _check_min_steps(early_stopping_min_steps, early_stopping_patience)
+    _check_count("epochs", epochs, 1)
+    _check_count("retrain_epochs", retrain_epochs, 0)
     stopping = None
     if early_stopping_patience is not None:
         train, stopping = hold_out(

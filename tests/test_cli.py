@@ -136,8 +136,9 @@ def test_early_stopping_min_steps_reach_finetune():
     settings = inputs.recipe_settings(args)
     assert settings["early_stopping_min_steps"] == 300
     assert settings["early_stopping_patience"] == 2
-    with pytest.raises(UsageError, match="non-negative integer, got '-1'"):
-        parser.parse_args([*command, "--early-stopping-min-steps", "-1"])
+    for flag in ("--early-stopping-min-steps", "--retrain-epochs"):
+        with pytest.raises(UsageError, match="non-negative integer, got '-1'"):
+            parser.parse_args([*command, flag, "-1"])
 
 
 # Bad input --------------------------------------------------------------

@@ -232,6 +232,11 @@ class FinetuneTest(TestCase):
             (dict(method="keras-lora", dropout=0.1), "dropout=0.1"),
             (dict(method="keras-lora", targets=["nothing"]), "nothing"),
             (dict(method="lora", targets=["nothing"]), "nothing"),
+            # Keras would fit no epoch, and the retrain phase be skipped,
+            # without a word.
+            (dict(method="lora", epochs=0), "epochs=0"),
+            (dict(method="bidora", retrain_epochs=-1), "retrain_epochs=-1"),
+            (dict(method="bidora", epochs=1.5), "epochs=1.5"),
         ]
         for kwargs, message in cases:
             with self.assertRaisesRegex(ValueError, message):

@@ -239,7 +239,7 @@ def _add_schedule(training, demo):
     )
     training.add_argument(
         "--retrain-epochs",
-        type=int,
+        type=non_negative_int,
         default=config.RETRAIN_EPOCHS,
         metavar="N",
         help="bidora only: epochs of the second phase, direction and head "
