@@ -272,7 +272,8 @@ def finetune(
     Raises:
         ValueError: for an unknown `method` or `retrain_init`, a missing
             `loss`, `dropout` with "keras-lora", `targets` matching no
-            layer, an invalid adapter or early-stopping setting.
+            layer, `epochs` below 1 or `retrain_epochs` below 0 (or not
+            integers), an invalid adapter or early-stopping setting.
 
     Example:
 

@@ -13,7 +13,8 @@ training runs in a subprocess, on the outer run's backend:
   (multi-GPU torch is left to DDP outside Keras), nothing: the TensorFlow
   check would run again as it does under TensorFlow.
 
-Each CI run thus pays for one subprocess a backend. Each trains
+Each CI run thus pays for one subprocess under JAX and one under
+TensorFlow. Each trains
 the same tiny model (a `Dense` and an `EinsumDense` adapted) for 10 lower
 steps with `first_order` and `darts`, and compares the per-step losses and
 the final variables with single-device training in the same subprocess.
