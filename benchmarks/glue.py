@@ -980,16 +980,19 @@ def plateau_epochs(args, run, train_examples):
     12 steps an epoch and BiDoRA's bi-level phase 9, so 20 epochs would
     stop them before the step budget.
     """
+    from keras_bidora import recipes
+    from keras_bidora.training import bilevel_dataset
+
     batch_size = plateau_batch_size(train_examples)
-    fitted = train_examples - max(
-        1, round(config.EARLY_STOPPING_FRACTION * train_examples)
+    fitted = train_examples - recipes.held_out_count(
+        train_examples, config.EARLY_STOPPING_FRACTION
     )
     if run["method"] != "bidora":
         return _enough_epochs(args, args.max_epochs, fitted, batch_size), 0
     upper_fraction = run["changes"].get(
         "upper_fraction", PLATEAU_SETTINGS["upper_fraction"]
     )
-    lower = fitted - max(1, round(upper_fraction * fitted))
+    lower = fitted - bilevel_dataset.upper_sample_count(fitted, upper_fraction)
     return (
         _enough_epochs(args, args.max_epochs, lower, batch_size),
         _enough_epochs(args, args.max_retrain_epochs, fitted, batch_size),

@@ -382,8 +382,8 @@ def hold_out(train, fraction, seed, patience=1):
     """Splits `train` into the part to fit and the part early stopping
     watches.
 
-    A seeded permutation holds out `max(1, round(fraction * n))` of the `n`
-    examples (at least one is kept to fit), in their original order.
+    A seeded permutation holds out `held_out_count(n, fraction)` of the
+    `n` examples, in their original order.
 
     Args:
         train: `(x, y)` or `(x, y, sample_weight)`, each an array, a list,
@@ -430,12 +430,25 @@ def hold_out(train, fraction, seed, patience=1):
             "Early stopping needs at least 2 training examples to hold one "
             f"out. Received: {count} example(s)"
         )
-    held = min(count - 1, max(1, round(fraction * count)))
+    held = held_out_count(count, fraction)
     order = np.random.default_rng(seed).permutation(count)
     held_out = np.sort(order[:held])
     fitted = np.sort(order[held:])
 
     return _rows(tuple(train), fitted), _rows(tuple(train), held_out)
+
+
+def held_out_count(count, fraction):
+    """How many of `count` examples `hold_out` holds out: `round(fraction *
+    count)`, at least one and at most `count - 1`.
+
+    Example:
+
+    >>> from keras_bidora import recipes
+    >>> recipes.held_out_count(100, 0.1), recipes.held_out_count(5, 0.1)
+    (10, 1)
+    """
+    return min(count - 1, max(1, round(fraction * count)))
 
 
 def _leaves(data):

@@ -282,6 +282,20 @@ def stopping_epochs(losses, patience, min_steps, steps_per_epoch=3, most=12):
 
 
 class EarlyStoppingTest(TestCase):
+    def test_held_out_count_keeps_one_example_on_each_side(self):
+        # round(fraction * count), clipped to [1, count - 1].
+        for count, fraction, expected in (
+            (100, 0.1, 10),
+            (5, 0.1, 1),  # round gives 0: one is held out
+            (2, 0.9, 1),  # round gives 2: one is kept to fit
+            (300, 0.1, 30),
+        ):
+            self.assertEqual(recipes.held_out_count(count, fraction), expected)
+            _, held = recipes.hold_out(
+                (np.arange(count), np.arange(count)), fraction, seed=0
+            )
+            self.assertLen(held[0], expected)
+
     def test_hold_out_is_a_seeded_partition_of_every_structure(self):
         texts = [f"text {i}" for i in range(20)]
         pairs = (texts, [f"second {i}" for i in range(20)])

@@ -306,11 +306,19 @@ def split_indices(count, upper_fraction, seed, unit="batch"):
     return np.sort(order[n_upper:]), np.sort(order[:n_upper])
 
 
-def _split_arrays(
-    data, upper_fraction, batch_size, upper_batch_size, shuffle, seed
-):
-    """A seeded `upper_fraction` of the samples of `(x, y, sample_weight)`."""
-    size = _num_samples(data)
+def upper_sample_count(size, upper_fraction):
+    """How many of `size` training samples the upper split of arrays holds:
+    `round(size * upper_fraction)`.
+
+    Raises:
+        ValueError: when that leaves either split empty.
+
+    Example:
+
+    >>> from keras_bidora.training import bilevel_dataset
+    >>> bilevel_dataset.upper_sample_count(90, 0.2)
+    18
+    """
     n_upper = round(size * upper_fraction)
     if n_upper < 1 or n_upper >= size:
         raise ValueError(
@@ -320,6 +328,15 @@ def _split_arrays(
             "non-empty. Pass more data, another upper_fraction, or "
             "`upper_data`."
         )
+    return n_upper
+
+
+def _split_arrays(
+    data, upper_fraction, batch_size, upper_batch_size, shuffle, seed
+):
+    """A seeded `upper_fraction` of the samples of `(x, y, sample_weight)`."""
+    size = _num_samples(data)
+    n_upper = upper_sample_count(size, upper_fraction)
     order = np.random.default_rng(seed).permutation(size)
     upper_idx, lower_idx = np.sort(order[:n_upper]), np.sort(order[n_upper:])
     lower = ArraySource(*_take(data, lower_idx), batch_size, shuffle, seed)
