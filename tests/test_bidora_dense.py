@@ -59,6 +59,16 @@ CASES = {
         in_axes=(1,),
         out_axes=(0, 2),
     ),
+    # Heads before time in the output: not a matrix product's axes, so the
+    # layer goes through the equation instead.
+    "heads_first_output": dict(
+        equation="btd,ndh->bnth",
+        output_shape=(2, None, 3),
+        bias_axes="nh",
+        input_shape=(2, 4, 5),
+        in_axes=(1,),
+        out_axes=(0, 2),
+    ),
     "einsum_bias_activation": dict(
         equation="btd,ndh->btnh",
         output_shape=(None, 2, 3),

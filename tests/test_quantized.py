@@ -185,6 +185,10 @@ class QuantizedLayerTest(TestCase):
         check_adapter_gradients(
             self, layer, x, numpy_values(layer, mode), layout
         )
+        # Nor is a dequantized copy kept between calls (eager torch keeps
+        # a float W0's matrix and norms, not a quantized one's).
+        layer(x)
+        self.assertIsNone(layer._frozen_cache)
 
     def test_compute_dtype_follows_the_policy(self):
         layout, mode = "bert_qkv", "int8"

@@ -245,7 +245,17 @@ class BiDoRADense(keras.layers.Layer):
             self._out_shape[out_letters.index(c)] if c in out_letters else 1
             for c in tail
         )
-        self._is_dense = not isinstance(self.layer, keras.layers.EinsumDense)
+        # A Dense layer, or an EinsumDense that is one in disguise: the
+        # input's trailing axes are the kernel's input axes, in kernel
+        # order, and the output is the input's other axes followed by the
+        # kernel's output axes. Such a layer is called as a matrix product
+        # with the (in, out) matrices.
+        kept_input = input_spec[: len(input_spec) - len(in_letters)]
+        self._matrix_form = (
+            input_spec.endswith(in_letters)
+            and output_spec == kept_input + out_letters
+            and not set(out_letters) & set(input_spec)
+        )
 
     @property
     def adapter_dtype(self):
@@ -310,9 +320,10 @@ class BiDoRADense(keras.layers.Layer):
         update = ops.matmul(self.lora_a, self.lora_b) * self.scale
         return self._base_matrix(dtype) + update
 
-    def _low_rank_parts(self):
-        """The pieces of `||W0 + s*A@B||_c ** 2` (see `_norm_parts`)."""
-        base, base_squared = self._frozen_parts()
+    def _low_rank_parts(self, frozen=None):
+        """The pieces of `||W0 + s*A@B||_c ** 2` (see `_norm_parts`), from
+        `_frozen_parts()` (computed here if not given)."""
+        base, base_squared = frozen or self._frozen_parts()
         return _norm_parts(
             base,
             base_squared,
@@ -322,6 +333,9 @@ class BiDoRADense(keras.layers.Layer):
         )
 
     def _frozen_key(self):
+        # A quantized W0 is dequantized in each call, never kept in float.
+        if self.layer.quantization_mode is not None:
+            return None
         return backend_lib.get().frozen_key(
             [v.value for v in self.layer.weights]
         )
@@ -343,11 +357,14 @@ class BiDoRADense(keras.layers.Layer):
 
     def column_scale(self):
         """Returns `m / ||W0 + s * A @ B||_c`, one entry per output unit."""
-        norm = ops.sqrt(self._low_rank_parts().norm_squared())
+        return self._column_scale(self._low_rank_parts())
+
+    def _column_scale(self, parts):
+        # At least epsilon: `norm_squared` is at least its square.
+        norm = ops.sqrt(parts.norm_squared())
         if self.detach_norm:
             norm = ops.stop_gradient(norm)
-        flat_magnitude = ops.reshape(self.magnitude, (self._out_units,))
-        return flat_magnitude / ops.maximum(norm, keras.config.epsilon())
+        return _reshape(self.magnitude.value, (self._out_units,)) / norm
 
     def merged_kernel(self):
         """Returns the adapted kernel `W'` in the wrapped kernel's shape.
@@ -386,18 +403,54 @@ class BiDoRADense(keras.layers.Layer):
             merged.bias.assign(self.layer.bias)
         return merged
 
-    def _contract(self, inputs, kernel):
-        if self._is_dense:
-            return ops.matmul(inputs, kernel)
-        return ops.einsum(self.layer.equation, inputs, kernel)
-
     def call(self, inputs, training=None):
         # The reshapes, transposes and casts below are skipped where they
-        # change nothing (a Dense layer, a float32 policy): at small shapes
-        # each op's dispatch costs more than its arithmetic.
+        # change nothing (a float32 policy, a kernel with one input axis):
+        # at small shapes each op's dispatch costs more than its arithmetic.
         compute_dtype = self.compute_dtype
         inputs = _cast(inputs, compute_dtype)
-        outputs = self._contract(inputs, self._base_kernel(compute_dtype))
+        if self._matrix_form:
+            outputs = self._matrix_call(inputs, training, compute_dtype)
+        else:
+            outputs = self._einsum_call(inputs, training, compute_dtype)
+        if self.layer.bias is not None:
+            outputs = outputs + _cast(self.layer.bias.value, compute_dtype)
+        if self.layer.activation is not None:
+            outputs = self.layer.activation(outputs)
+        return outputs
+
+    def _matrix_call(self, inputs, training, compute_dtype):
+        """`(m/||V||_c) * (x W0 + s x A B)` with the (in, out) matrices: the
+        input's kernel axes flattened to one, the output's unflattened."""
+        in_rank = len(self._in_shape)
+        if in_rank > 1 or len(self._out_shape) > 1:
+            batch_shape = tuple(ops.shape(inputs))[
+                : len(inputs.shape) - in_rank
+            ]
+        if in_rank > 1:
+            inputs = ops.reshape(inputs, batch_shape + (self._in_units,))
+        frozen = self._frozen_parts()
+        outputs = ops.matmul(inputs, _cast(frozen[0], compute_dtype))
+        adapter_inputs = inputs
+        if self.dropout:
+            adapter_inputs = self.dropout_layer(inputs, training=training)
+        lora_a = _cast(self.lora_a.value, compute_dtype)
+        lora_b = _cast(self.lora_b.value * self.scale, compute_dtype)
+        outputs = outputs + ops.matmul(
+            ops.matmul(adapter_inputs, lora_a), lora_b
+        )
+        if self.use_magnitude:
+            scale = self._column_scale(self._low_rank_parts(frozen))
+            outputs = outputs * _cast(scale, compute_dtype)
+        if len(self._out_shape) > 1:
+            outputs = ops.reshape(outputs, batch_shape + self._out_shape)
+        return outputs
+
+    def _einsum_call(self, inputs, training, compute_dtype):
+        """The same through the wrapped layer's equation, for kernels whose
+        axes are not a matrix's in the input and the output."""
+        kernel = self._base_kernel(compute_dtype)
+        outputs = ops.einsum(self.layer.equation, inputs, kernel)
         adapter_inputs = inputs
         if self.dropout:
             adapter_inputs = self.dropout_layer(inputs, training=training)
@@ -406,24 +459,17 @@ class BiDoRADense(keras.layers.Layer):
         # Adapters stay float32 and are cast to the compute dtype only here.
         lora_a = _cast(lora_a, compute_dtype)
         lora_b = _cast(lora_b * self.scale, compute_dtype)
-        if self._is_dense:
-            update = ops.matmul(ops.matmul(adapter_inputs, lora_a), lora_b)
-        else:
-            update = ops.einsum(
-                self._up_equation,
-                ops.einsum(self._down_equation, adapter_inputs, lora_a),
-                lora_b,
-            )
+        update = ops.einsum(
+            self._up_equation,
+            ops.einsum(self._down_equation, adapter_inputs, lora_a),
+            lora_b,
+        )
         outputs = outputs + update
         if self.use_magnitude:
             scale = _reshape(self.column_scale(), self._out_shape)
             scale = _transpose(scale, self._scale_perm)
             scale = _reshape(scale, self._scale_shape)
             outputs = outputs * _cast(scale, compute_dtype)
-        if self.layer.bias is not None:
-            outputs = outputs + _cast(self.layer.bias.value, compute_dtype)
-        if self.layer.activation is not None:
-            outputs = self.layer.activation(outputs)
         return outputs
 
     def compute_output_shape(self, input_shape):
@@ -652,7 +698,7 @@ def _norm_parts(base, base_squared, lora_a, lora_b, scale):
 
     The squared norm of column j is `||w0_j||^2 + u_j` with
     `u_j = 2 (s W0^T A)_j . b_j + b_j^T (s^2 A^T A) b_j` (`b_j` the j-th
-    column of B): the adapters enter only through `s W0^T A` (out, r) and
+    column of B): the adapters enter only through `s A^T W0` (r, out) and
     `s^2 A^T A` (r, r), so the norm costs O(in * out * rank) in the
     adapters, forward and backward, and no (in, out) temporary.
 
@@ -664,13 +710,17 @@ def _norm_parts(base, base_squared, lora_a, lora_b, scale):
         scale: s.
 
     Returns:
-        `_NormParts` of `||w0_j||^2` and `u_j` (..., out), `s W0^T A` and
-        `s^2 A^T A`.
+        `_NormParts` of `||w0_j||^2` and `u_j` (..., out), `s A^T W0`
+        (..., r, out) and `s^2 A^T A`.
     """
-    projected = ops.matmul(_swap(base), lora_a) * scale
-    gram_a = ops.matmul(_swap(lora_a), lora_a) * (scale**2)
-    update = 2 * ops.sum(_swap(projected) * lora_b, axis=-2)
-    update = update + ops.sum(lora_b * ops.matmul(gram_a, lora_b), axis=-2)
+    # u_j = b_j . (2 (s A^T W0)_j + (s^2 A^T A) b_j), with s folded into A.
+    scaled_a = lora_a * scale
+    scaled_a_t = _swap(scaled_a)
+    projected = ops.matmul(scaled_a_t, base)
+    gram_a = ops.matmul(scaled_a_t, scaled_a)
+    update = ops.sum(
+        (2 * projected + ops.matmul(gram_a, lora_b)) * lora_b, axis=-2
+    )
     return _NormParts(base_squared, update, projected, gram_a)
 
 
@@ -706,7 +756,7 @@ def _orthogonality(layers):
     lora_b = ops.stack([layer.lora_b.value for layer in layers])
     parts = _norm_parts(base, base_squared, lora_a, lora_b, layers[0].scale)
     inverse = 1 / parts.norm_squared()
-    factors = ops.concatenate([parts.projected, _swap(lora_b)], axis=-1)
+    factors = _swap(ops.concatenate([parts.projected, lora_b], axis=-2))
     gram_a = parts.gram_a
     zeros = ops.zeros_like(gram_a)
     identity = zeros + ops.eye(layers[0].rank, dtype=gram_a.dtype)
