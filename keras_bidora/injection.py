@@ -9,6 +9,7 @@ import keras
 
 from keras_bidora import _keras_compat
 from keras_bidora import config
+from keras_bidora.checks import check_count
 from keras_bidora.layers.bidora_dense import BiDoRADense
 from keras_bidora.layers.bidora_dense import adapted_layers
 
@@ -109,6 +110,7 @@ def inject(
 'transformer_layer_0/self_attention_layer/value']
     """
     _check_injectable(model, kwargs)
+    rank = check_count("rank", rank, 1)
     layer_kwargs = {key: _serializable(value) for key, value in kwargs.items()}
     layers, parents = _walk(model)
     candidates = [

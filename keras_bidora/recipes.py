@@ -20,6 +20,7 @@ import numpy as np
 from keras_bidora import _keras_compat
 from keras_bidora import config
 from keras_bidora import saving
+from keras_bidora.checks import check_count
 from keras_bidora.data import preprocessing
 from keras_bidora.injection import inject
 from keras_bidora.training import raw_inputs
@@ -304,8 +305,8 @@ def finetune(
     _check_arguments(method, retrain_init, loss, dropout)
     _check_raw_inputs(method, train)
     _check_min_steps(early_stopping_min_steps, early_stopping_patience)
-    _check_count("epochs", epochs, 1)
-    _check_count("retrain_epochs", retrain_epochs, 0)
+    check_count("epochs", epochs, 1)
+    check_count("retrain_epochs", retrain_epochs, 0)
     stopping = None
     if early_stopping_patience is not None:
         train, stopping = hold_out(
@@ -410,7 +411,7 @@ def hold_out(train, fraction, seed, patience=1):
     >>> len(fitted[0]), len(held_out[0])
     (8, 2)
     """
-    _check_count("early_stopping_patience", patience, 1)
+    check_count("early_stopping_patience", patience, 1)
     if not 0 < fraction < 1:
         raise ValueError(
             "early_stopping_fraction must be in (0, 1). Received: "
@@ -498,18 +499,8 @@ def _check_arguments(method, retrain_init, loss, dropout):
         )
 
 
-def _check_count(name, value, minimum):
-    """Refuses anything but an integer of at least `minimum` (not a bool),
-    quoting it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"{name} must be an integer >= {minimum}. Received: "
-            f"{name}={value!r}"
-        )
-
-
 def _check_min_steps(min_steps, patience):
-    _check_count("early_stopping_min_steps", min_steps, 0)
+    check_count("early_stopping_min_steps", min_steps, 0)
     if min_steps and patience is None:
         raise ValueError(
             "early_stopping_min_steps needs early_stopping_patience (early "

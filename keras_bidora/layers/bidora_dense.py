@@ -9,6 +9,7 @@ from keras import ops
 
 from keras_bidora import _keras_compat
 from keras_bidora import config
+from keras_bidora.checks import check_count
 from keras_bidora.training import backend as backend_lib
 
 _MIXED_VARIABLE_DTYPES = ("float16", "bfloat16")
@@ -156,7 +157,8 @@ class BiDoRADense(keras.layers.Layer):
         **kwargs,
     ):
         _check_layer(layer)
-        _check_settings(rank, alpha, dropout)
+        rank = check_count("rank", rank, 1)
+        _check_settings(alpha, dropout)
         if alpha is None:
             alpha = config.default_alpha(rank)
         kwargs.setdefault("name", layer.name)
@@ -577,12 +579,8 @@ def check_quantization_mode(mode, received):
         )
 
 
-def _check_settings(rank, alpha, dropout):
-    """Raises a `ValueError` quoting an invalid rank, alpha or dropout."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(
-            f"rank must be a positive integer. Received: rank={rank}"
-        )
+def _check_settings(alpha, dropout):
+    """Raises a `ValueError` quoting an invalid alpha or dropout."""
     if alpha is not None and (
         isinstance(alpha, bool)
         or not isinstance(alpha, (int, float))

@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_bidora import _keras_compat
 from keras_bidora import config
+from keras_bidora.checks import check_count
 from keras_bidora.distribution import distribute_adapters
 from keras_bidora.layers.bidora_dense import adapted_layers
 from keras_bidora.layers.bidora_dense import check_quantization_mode
@@ -168,13 +169,14 @@ class BiDoRAModel(keras.Model):
                 "BiDoRAModel wraps a keras.Model (a KerasHub backbone or "
                 f"task). Received: model={model!r}"
             )
+        rank = check_count("rank", rank, 1)
+        upper_every = check_count("upper_every", upper_every, 1)
+        neumann_terms = check_count("neumann_terms", neumann_terms, 0)
         _check_arguments(
             upper_fraction=upper_fraction,
             hypergradient=hypergradient,
-            upper_every=upper_every,
             upper_batch_size=upper_batch_size,
             direction_regularization=direction_regularization,
-            neumann_terms=neumann_terms,
             method=method,
         )
         if not adapted_layers(model):
@@ -843,10 +845,8 @@ def _check_upper_batch_size(upper_batch_size):
 def _check_arguments(
     upper_fraction,
     hypergradient,
-    upper_every,
     upper_batch_size,
     direction_regularization,
-    neumann_terms,
     method,
 ):
     """Raises a `ValueError` quoting the first invalid bi-level setting."""
@@ -858,15 +858,6 @@ def _check_arguments(
             f"upper_fraction={upper_fraction}"
         )
     hypergradients.get(hypergradient)
-    if (
-        isinstance(upper_every, bool)
-        or not isinstance(upper_every, int)
-        or upper_every < 1
-    ):
-        raise ValueError(
-            "upper_every must be a positive integer. Received: "
-            f"upper_every={upper_every}"
-        )
     _check_upper_batch_size(upper_batch_size)
     if not (
         isinstance(direction_regularization, (int, float))
@@ -875,11 +866,6 @@ def _check_arguments(
         raise ValueError(
             "direction_regularization must be a number >= 0. Received: "
             f"direction_regularization={direction_regularization}"
-        )
-    if not isinstance(neumann_terms, int) or neumann_terms < 0:
-        raise ValueError(
-            "neumann_terms must be an integer >= 0. Received: "
-            f"neumann_terms={neumann_terms}"
         )
     if method not in config.MODEL_METHODS:
         raise ValueError(
