@@ -85,3 +85,14 @@ def test_loaders_limit():
     assert len(loaders.load_task("rte", "dev", limit=np.int64(2))) == 2
     with pytest.raises(ValueError, match="limit=True"):
         loaders.load_task("rte", "dev", limit=True)
+
+
+def test_upper_batch_size_takes_numpy_integers_and_its_two_words():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="query")(inputs))
+    wrapped = BiDoRAModel(model, upper_batch_size=np.int64(4))
+    assert type(wrapped.get_config()["upper_batch_size"]) is int
+    json.dumps(wrapped.get_config()["upper_batch_size"])
+    for value in (True, 0, 2.0, "half"):
+        with pytest.raises(ValueError, match="upper_batch_size must be a"):
+            BiDoRAModel(model, upper_batch_size=value)

@@ -172,10 +172,10 @@ class BiDoRAModel(keras.Model):
         rank = check_count("rank", rank, 1)
         upper_every = check_count("upper_every", upper_every, 1)
         neumann_terms = check_count("neumann_terms", neumann_terms, 0)
+        upper_batch_size = _checked_upper_batch_size(upper_batch_size)
         _check_arguments(
             upper_fraction=upper_fraction,
             hypergradient=hypergradient,
-            upper_batch_size=upper_batch_size,
             direction_regularization=direction_regularization,
             method=method,
         )
@@ -406,7 +406,7 @@ class BiDoRAModel(keras.Model):
         Returns:
             A `keras.callbacks.History`.
         """
-        _check_upper_batch_size(upper_batch_size)
+        upper_batch_size = _checked_upper_batch_size(upper_batch_size)
         callbacks = list(callbacks or [])
         # The variable lists a step reads are gathered anew for each fit.
         self._partition = None
@@ -819,33 +819,30 @@ def _split_tail(arrays, fraction):
     return head, tuple(a for a in tail if a is not None)
 
 
-def _check_upper_batch_size(upper_batch_size):
-    """Raises a `ValueError` unless `upper_batch_size` is one it takes.
+def _checked_upper_batch_size(upper_batch_size):
+    """`upper_batch_size` as the model keeps it, or a `ValueError`.
 
-    Those are a positive integer, None (the lower batch size) and
-    `config.UPPER_BATCH_SIZE_PROPORTIONAL`.
+    It takes a positive integer (kept as an `int`), None (the lower batch
+    size) and `config.UPPER_BATCH_SIZE_PROPORTIONAL`.
     """
-    if upper_batch_size is None:
-        return
-    if upper_batch_size == config.UPPER_BATCH_SIZE_PROPORTIONAL:
-        return
-    if (
-        isinstance(upper_batch_size, int)
-        and not isinstance(upper_batch_size, bool)
-        and upper_batch_size >= 1
+    if upper_batch_size is None or (
+        isinstance(upper_batch_size, str)
+        and upper_batch_size == config.UPPER_BATCH_SIZE_PROPORTIONAL
     ):
-        return
-    raise ValueError(
-        "upper_batch_size must be a positive integer, None (the lower "
-        f"batch size) or {config.UPPER_BATCH_SIZE_PROPORTIONAL!r}. "
-        f"Received: upper_batch_size={upper_batch_size!r}"
-    )
+        return upper_batch_size
+    try:
+        return check_count("upper_batch_size", upper_batch_size, 1)
+    except ValueError:
+        raise ValueError(
+            "upper_batch_size must be a positive integer, None (the lower "
+            f"batch size) or {config.UPPER_BATCH_SIZE_PROPORTIONAL!r}. "
+            f"Received: upper_batch_size={upper_batch_size!r}"
+        ) from None
 
 
 def _check_arguments(
     upper_fraction,
     hypergradient,
-    upper_batch_size,
     direction_regularization,
     method,
 ):
@@ -858,7 +855,6 @@ def _check_arguments(
             f"upper_fraction={upper_fraction}"
         )
     hypergradients.get(hypergradient)
-    _check_upper_batch_size(upper_batch_size)
     if not (
         isinstance(direction_regularization, (int, float))
         and direction_regularization >= 0
