@@ -12,6 +12,7 @@ from keras_bidora.checks import check_count
 from keras_bidora.distribution import distribute_adapters
 from keras_bidora.layers.bidora_dense import adapted_layers
 from keras_bidora.layers.bidora_dense import check_quantization_mode
+from keras_bidora.training import backend as backend_lib
 from keras_bidora.training import bilevel_dataset
 from keras_bidora.training import hypergradients
 from keras_bidora.training import inputs
@@ -673,9 +674,10 @@ class BiDoRAModel(keras.Model):
 
     def train_step(self, *args):
         step = STEPS[self._phase]
+        call_step = backend_lib.get().call_step
         if keras.config.backend() == "jax":
             state, data = args
-            return step(self, state, data)
+            return call_step(step, self, state, data)
         # TensorFlow and torch: run the stateless step on the variables'
         # values, then write back what the optimizers did not update.
         (data,) = args
@@ -686,8 +688,8 @@ class BiDoRAModel(keras.Model):
             [_value(v) for v in partition.optimizer_variables],
             [_value(v) for v in partition.metrics_variables],
         )
-        logs, (_, non_trainable, optimizer_values, metrics) = step(
-            self, state, data
+        logs, (_, non_trainable, optimizer_values, metrics) = call_step(
+            step, self, state, data
         )
         # Each level's optimizer updated itself; the MultiOptimizer's own
         # step counter lives only in the returned values.

@@ -1,6 +1,6 @@
 """Per-backend train-step pieces, picked by `keras.config.backend()`.
 
-Each backend module provides the same four functions:
+Each backend module provides the same five functions:
 
 - `value_and_grad(fn, create_graph=False)`: returns a function that takes
   `(params, *args)`, where `params` is a list of tensors and
@@ -17,6 +17,10 @@ Each backend module provides the same four functions:
   same tensors while their values are unchanged, or None where the backend
   cannot tell; `BiDoRADense` keeps what it computes from the frozen `W0`
   under it (eager torch only).
+- `call_step(step, *args)`: `step(*args)`, called the way the backend runs
+  a step best: eager torch runs every step's Python anew, from a frame
+  with room of its own (`keras_bidora.training.frame_stack`); JAX and
+  TensorFlow trace the step once and call it as it is.
 
 Everything else of the bi-level step is written once, on top of these, in
 `keras_bidora.training.hypergradients` and `keras_bidora.training.step`.

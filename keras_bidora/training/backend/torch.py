@@ -2,6 +2,8 @@
 
 import torch
 
+from keras_bidora.training.frame_stack import call_with_room
+
 
 def value_and_grad(fn, create_graph=False):
     def wrapped(params, *args):
@@ -42,6 +44,16 @@ def apply_gradients(
 
 def cond(pred, true_fn, false_fn):
     return true_fn() if bool(pred) else false_fn()
+
+
+def call_step(step, *args):
+    """`step(*args)` from a frame with room for the step's calls.
+
+    Eager torch runs the step's Python (about 10^5 calls through Keras's
+    layers) on every step; `call_with_room` keeps those calls from mapping
+    and unmapping a frame-stack chunk each (see `frame_stack`).
+    """
+    return call_with_room(step, *args)
 
 
 def frozen_key(tensors):
