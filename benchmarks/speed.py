@@ -8,8 +8,10 @@ step to finish) and times it. `step_s` is the median over the timed steps
 after the warm-up steps (compilation included there); for a BiDoRA row with
 `upper_every=k`, warm-up and timed steps are whole cycles of `k` steps and
 `step_s` is the median cycle's time divided by `k`, so that it includes the
-upper steps' share. `bidora_int8_first_order_k1` trains the same BiDoRA on
-a backbone quantized to int8 first (`backbone.quantize("int8")`);
+upper steps' share; `page_faults_per_step` is the median step's count of
+minor page faults (memory the step mapped afresh and touched).
+`bidora_int8_first_order_k1` trains the same BiDoRA on a backbone
+quantized to int8 first (`backbone.quantize("int8")`);
 `bidora_first_order_proportional_k1` takes upper batches sized to the upper
 split (`upper_batch_size="proportional"`, 4 samples at batch 16). Every
 training row is printed with its ratio to `keras_lora` measured in the same
@@ -114,14 +116,26 @@ class _StepTimer:
 
         class Timer(keras.callbacks.Callback):
             def on_train_batch_begin(inner, batch, logs=None):
+                inner.faults = _minor_faults()
                 inner.start = time.perf_counter()
 
             def on_train_batch_end(inner, batch, logs=None):
                 float(keras.ops.convert_to_numpy(logs["loss"]))
                 self.times.append(time.perf_counter() - inner.start)
+                self.faults.append(_minor_faults() - inner.faults)
 
         self.times = []
+        self.faults = []
         self.callback = Timer()
+
+
+def _minor_faults():
+    """The process's minor page faults so far (`getrusage`'s `ru_minflt`).
+
+    A step that maps fresh memory faults on each page it touches: CPython's
+    frame-stack chunks (`keras_bidora.training.frame_stack`) showed here.
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _classifier():
@@ -215,15 +229,19 @@ def run_row(name, batch_size, sequence_length, warmup, steps):
     )
     trainable = sum(int(np.prod(v.shape)) for v in trainer.trainable_weights)
     timed = timer.times[warmup:total]
-    # Per-step time of each whole cycle of `upper_every` steps.
-    times = [
-        sum(timed[i : i + cycle]) / cycle for i in range(0, len(timed), cycle)
-    ]
     return {
-        "times": times,
+        # Per step of each whole cycle of `upper_every` steps.
+        "times": _per_cycle(timed, cycle),
+        "faults": _per_cycle(timer.faults[warmup:total], cycle),
         "steps_timed": len(timed),
         "trainable_params": trainable,
     }
+
+
+def _per_cycle(values, cycle):
+    return [
+        sum(values[i : i + cycle]) / cycle for i in range(0, len(values), cycle)
+    ]
 
 
 def _bidora_spec(name):
@@ -277,7 +295,7 @@ def _row_main(args):
 
 def run_backend(backend, args):
     results = {
-        name: {"times": [], "steps_timed": 0, "peak_mb": 0.0}
+        name: {"times": [], "faults": [], "steps_timed": 0, "peak_mb": 0.0}
         for name in args.rows
     }
     for _, name in itertools.product(range(args.rounds), args.rows):
@@ -309,6 +327,7 @@ def run_backend(backend, args):
         result = json.loads(lines[-1][len("RESULT ") :])
         pooled = results[name]
         pooled["times"] += result["times"]
+        pooled["faults"] += result.get("faults", [])
         pooled["steps_timed"] += result["steps_timed"]
         pooled["peak_mb"] = max(pooled["peak_mb"], result["peak_mb"])
         pooled["trainable_params"] = result.get("trainable_params")
@@ -324,6 +343,9 @@ def run_backend(backend, args):
             "steps_timed": result["steps_timed"],
             "peak_mb": round(result["peak_mb"], 1),
             "trainable_params": result["trainable_params"],
+            "page_faults_per_step": statistics.median(result["faults"])
+            if result["faults"]
+            else None,
         }
         for name, result in results.items()
     ]
@@ -425,8 +447,9 @@ def _markdown(rows, args):
         f"{args.rounds} round(s).",
         "",
         "| row | median step (s) | ratio | target | reference step in the "
-        "same run (s) | vs dora | peak memory (MB) | trainable |",
-        "|---|---|---|---|---|---|---|---|",
+        "same run (s) | vs dora | peak memory (MB) | trainable | page "
+        "faults / step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     missed = []
     for row in rows:
@@ -443,11 +466,16 @@ def _markdown(rows, args):
             f"| {row['name']} | {row['step_s']:.4f} | {ratio} | {target} "
             f"| {reference} | {row.get('ratio_to_dora', '')} "
             f"| {row['peak_mb']} | "
-            f"{row['trainable_params'] or ''} |"
+            f"{row['trainable_params'] or ''} "
+            f"| {_or_blank(row.get('page_faults_per_step'))} |"
         )
     if missed:
         lines += ["", "Missed targets, and what is left:", ""] + missed
     return "\n".join(lines) + "\n"
+
+
+def _or_blank(value):
+    return "" if value is None else value
 
 
 def _stem(backend, args):
