@@ -18,15 +18,19 @@ training row is printed with its ratio to `keras_lora` measured in the same
 run, and the inference rows with their ratio to `base_inference`. On a
 shared machine, `--rounds N` runs the list of rows N times, in turn, and
 pools each row's timed steps, so that a change in the machine's load weighs
-on every row alike. Rows with a
-target (`TARGETS`) carry `target` and `target_met`, and the `.md` table
-lists the missed targets with what is known to be left there.
+on every row alike; `--one-process` builds the training rows in one process
+and times them in turn in each round (in reverse order in odd rounds), so
+that rows are no longer minutes apart, at the cost of their peak memory.
+Rows with a target (`TARGETS`) carry `target` and `target_met`, and the
+`.md` table lists the missed targets with what is known to be left there.
 
 Usage:
 
     python benchmarks/speed.py --quick                 # all backends
     python benchmarks/speed.py --backend jax --json    # one backend
     python benchmarks/speed.py --backend torch --quick --rounds 3
+    python benchmarks/speed.py --backend torch --quick --one-process \
+        --rounds 4 --rows keras_lora dora bidora_first_order_k1
 
 Results go to `benchmarks/results/speed-<backend>.json` and `.md`, or, for
 another shape than the default batch 16 x sequence 128, to
@@ -151,8 +155,69 @@ def _classifier():
 
 def run_row(name, batch_size, sequence_length, warmup, steps):
     """Runs one row in this process and returns its measurements."""
+    if name.endswith("inference"):
+        return _run_inference_row(
+            name, batch_size, sequence_length, warmup, steps
+        )
+    return _timed_fit(
+        _training_row(name, batch_size, sequence_length, warmup, steps)
+    )
+
+
+def run_rows_in_turn(names, rounds, batch_size, sequence_length, warmup, steps):
+    """Builds the training rows in this process, then times them in turn.
+
+    Each round fits every row once (`warmup` + `steps` steps), in the order
+    given in even rounds and reversed in odd ones, so that a drift of the
+    machine's speed within the run weighs on every row alike.
+
+    Returns:
+        One result per row and round, each with the row's `name`.
+    """
+    inference = [name for name in names if name.endswith("inference")]
+    if inference:
+        raise ValueError(
+            "--one-process times training rows only. Received inference "
+            f"rows: {inference}"
+        )
+    rows = {
+        name: _training_row(name, batch_size, sequence_length, warmup, steps)
+        for name in names
+    }
+    results = []
+    for round_index in range(rounds):
+        order = names if round_index % 2 == 0 else names[::-1]
+        for name in order:
+            results.append({"name": name, **_timed_fit(rows[name])})
+    return results
+
+
+def _run_inference_row(name, batch_size, sequence_length, warmup, steps):
     import keras
     import numpy as np
+
+    import keras_bidora
+
+    keras.utils.set_random_seed(0)
+    model = _classifier()
+    x, _ = _data(batch_size, sequence_length, warmup + steps)
+    if name == "merged_inference":
+        wrapper = keras_bidora.BiDoRAModel(model, rank=8, alpha=16)
+        model = keras_bidora.merge(wrapper)
+    batch = {k: v[:batch_size] for k, v in x.items()}
+    # Inference steps are short: time more of them.
+    steps = 6 * steps
+    times = []
+    for _ in range(warmup + steps):
+        start = time.perf_counter()
+        np.asarray(model.predict_on_batch(batch))
+        times.append(time.perf_counter() - start)
+    return {"times": times[warmup:], "steps_timed": steps}
+
+
+def _training_row(name, batch_size, sequence_length, warmup, steps):
+    """A compiled trainer for the row, its data and its step counts."""
+    import keras
 
     import keras_bidora
 
@@ -165,22 +230,6 @@ def run_row(name, batch_size, sequence_length, warmup, steps):
         steps = math.ceil(steps / cycle) * cycle
     total = warmup + steps
     x, y = _data(batch_size, sequence_length, total)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    if name.endswith("inference"):
-        if name == "merged_inference":
-            wrapper = keras_bidora.BiDoRAModel(model, rank=8, alpha=16)
-            model = keras_bidora.merge(wrapper)
-        batch = {k: v[:batch_size] for k, v in x.items()}
-        # Inference steps are short: time more of them.
-        steps = 6 * steps
-        times = []
-        for _ in range(warmup + steps):
-            start = time.perf_counter()
-            np.asarray(model.predict_on_batch(batch))
-            times.append(time.perf_counter() - start)
-        return {"times": times[warmup:], "steps_timed": steps}
-
     if name == "keras_lora":
         model.backbone.enable_lora(8)
         trainer = model
@@ -215,13 +264,29 @@ def run_row(name, batch_size, sequence_length, warmup, steps):
         x, y = _data(batch_size, sequence_length, 5 * math.ceil(total / 4))
     trainer.compile(
         optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.1),
-        loss=loss,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
+    return {
+        "trainer": trainer,
+        "x": x,
+        "y": y,
+        "batch_size": batch_size,
+        "cycle": cycle,
+        "warmup": warmup,
+        "total": total,
+    }
+
+
+def _timed_fit(row):
+    """One epoch of `fit` on the row's data, its steps timed after warm-up."""
+    import numpy as np
+
+    trainer, warmup, total = row["trainer"], row["warmup"], row["total"]
     timer = _StepTimer()
     trainer.fit(
-        x,
-        y,
-        batch_size=batch_size,
+        row["x"],
+        row["y"],
+        batch_size=row["batch_size"],
         epochs=1,
         shuffle=False,
         verbose=0,
@@ -231,8 +296,8 @@ def run_row(name, batch_size, sequence_length, warmup, steps):
     timed = timer.times[warmup:total]
     return {
         # Per step of each whole cycle of `upper_every` steps.
-        "times": _per_cycle(timed, cycle),
-        "faults": _per_cycle(timer.faults[warmup:total], cycle),
+        "times": _per_cycle(timed, row["cycle"]),
+        "faults": _per_cycle(timer.faults[warmup:total], row["cycle"]),
         "steps_timed": len(timed),
         "trainable_params": trainable,
     }
@@ -282,6 +347,18 @@ def _bidora_spec(name):
 
 
 def _row_main(args):
+    if args.one_process_rows:
+        # The process's peak memory is every row's: none is reported.
+        for result in run_rows_in_turn(
+            args.rows,
+            args.rounds,
+            args.batch_size,
+            args.sequence_length,
+            args.warmup,
+            args.steps,
+        ):
+            print("RESULT " + json.dumps({**result, "peak_mb": None}))
+        return
     result = run_row(
         args.row,
         args.batch_size,
@@ -290,46 +367,65 @@ def _row_main(args):
         args.steps,
     )
     result["peak_mb"] = _peak_mb()
-    print("RESULT " + json.dumps(result))
+    print("RESULT " + json.dumps({**result, "name": args.row}))
+
+
+def _child_results(backend, args, what):
+    """Runs this script with `what` (its row arguments) under `backend`;
+    returns the results it prints."""
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        *what,
+        "--batch-size",
+        str(args.batch_size),
+        "--sequence-length",
+        str(args.sequence_length),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+    ]
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    lines = [
+        line for line in done.stdout.splitlines() if line.startswith("RESULT ")
+    ]
+    if done.returncode != 0 or not lines:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
+        raise SystemExit(f"rows {what} failed on {backend}")
+    return [json.loads(line[len("RESULT ") :]) for line in lines]
+
+
+def _measurements(backend, args):
+    """Each row's results: a process per row and round, or one process."""
+    if args.one_process:
+        yield from _child_results(
+            backend,
+            args,
+            ["--one-process-rows", "--rows", *args.rows, "--rounds"]
+            + [str(args.rounds)],
+        )
+        return
+    for _, name in itertools.product(range(args.rounds), args.rows):
+        (result,) = _child_results(backend, args, ["--row", name])[-1:]
+        yield {**result, "name": name}
 
 
 def run_backend(backend, args):
     results = {
-        name: {"times": [], "faults": [], "steps_timed": 0, "peak_mb": 0.0}
+        name: {"times": [], "faults": [], "steps_timed": 0, "peak_mb": None}
         for name in args.rows
     }
-    for _, name in itertools.product(range(args.rounds), args.rows):
-        command = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--row",
-            name,
-            "--batch-size",
-            str(args.batch_size),
-            "--sequence-length",
-            str(args.sequence_length),
-            "--warmup",
-            str(args.warmup),
-            "--steps",
-            str(args.steps),
-        ]
-        env = {**os.environ, "KERAS_BACKEND": backend}
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        lines = [
-            line
-            for line in done.stdout.splitlines()
-            if line.startswith("RESULT ")
-        ]
-        if done.returncode != 0 or not lines:
-            sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
-            raise SystemExit(f"row {name} failed on {backend}")
-        result = json.loads(lines[-1][len("RESULT ") :])
+    for result in _measurements(backend, args):
+        name = result["name"]
         pooled = results[name]
         pooled["times"] += result["times"]
         pooled["faults"] += result.get("faults", [])
         pooled["steps_timed"] += result["steps_timed"]
-        pooled["peak_mb"] = max(pooled["peak_mb"], result["peak_mb"])
+        if result["peak_mb"] is not None:
+            pooled["peak_mb"] = max(pooled["peak_mb"] or 0.0, result["peak_mb"])
         pooled["trainable_params"] = result.get("trainable_params")
         if not args.json:
             step_s = statistics.median(result["times"])
@@ -341,7 +437,9 @@ def run_backend(backend, args):
             "step_s": statistics.median(result["times"]),
             "step_s_min": min(result["times"]),
             "steps_timed": result["steps_timed"],
-            "peak_mb": round(result["peak_mb"], 1),
+            "peak_mb": None
+            if result["peak_mb"] is None
+            else round(result["peak_mb"], 1),
             "trainable_params": result["trainable_params"],
             "page_faults_per_step": statistics.median(result["faults"])
             if result["faults"]
@@ -444,7 +542,8 @@ def _markdown(rows, args):
         f"{os.cpu_count()} cores; batch {args.batch_size}, sequence "
         f"{args.sequence_length}, {args.warmup} warm-up + {args.steps} timed "
         "steps per row (whole `upper_every` cycles for BiDoRA rows), "
-        f"{args.rounds} round(s).",
+        f"{args.rounds} round(s)"
+        + (", all rows in one process." if args.one_process else "."),
         "",
         "| row | median step (s) | ratio | target | reference step in the "
         "same run (s) | vs dora | peak memory (MB) | trainable | page "
@@ -465,7 +564,7 @@ def _markdown(rows, args):
         lines.append(
             f"| {row['name']} | {row['step_s']:.4f} | {ratio} | {target} "
             f"| {reference} | {row.get('ratio_to_dora', '')} "
-            f"| {row['peak_mb']} | "
+            f"| {_or_blank(row['peak_mb'])} | "
             f"{row['trainable_params'] or ''} "
             f"| {_or_blank(row.get('page_faults_per_step'))} |"
         )
@@ -544,14 +643,30 @@ def main():
     parser.add_argument(
         "--no-save", action="store_true", help="don't write benchmarks/results/"
     )
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="build the training rows in one process and time them in "
+        "turn, round by round (ratios less exposed to the machine's drift "
+        "between processes; no peak memory per row)",
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--one-process-rows", action="store_true", help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.warmup is None:
         args.warmup = 3
     if args.steps is None:
         args.steps = 5 if args.quick else 20
-    if args.row:
+    if args.row or args.one_process_rows:
         return _row_main(args)
+    inference = [name for name in args.rows if name.endswith("inference")]
+    if args.one_process and inference:
+        parser.error(
+            "--one-process times training rows only. Received inference "
+            f"rows: {inference}"
+        )
     command = " ".join(["python", "benchmarks/speed.py"] + sys.argv[1:])
     for backend in [args.backend] if args.backend else BACKENDS:
         rows = run_backend(backend, args)

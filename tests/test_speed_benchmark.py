@@ -9,6 +9,8 @@ import argparse
 import json
 import os
 
+import keras
+
 from tests.test_case import TestCase
 from tests.test_case import load_benchmark
 
@@ -42,7 +44,12 @@ class SpeedBenchmarkTest(TestCase):
         speed.RESULTS = results
         self.addCleanup(setattr, speed, "RESULTS", original)
         args = argparse.Namespace(
-            batch_size=16, sequence_length=128, warmup=3, steps=5, rounds=1
+            batch_size=16,
+            sequence_length=128,
+            warmup=3,
+            steps=5,
+            rounds=1,
+            one_process=False,
         )
         return results, args
 
@@ -183,7 +190,9 @@ class SpeedBenchmarkTest(TestCase):
             "dora": [1.5, 1.4, 1.6],
             "bidora_first_order_k1": [3.3, 3.0, 3.1],
         }
-        args = argparse.Namespace(rows=list(measured), rounds=1, json=True)
+        args = argparse.Namespace(
+            rows=list(measured), rounds=1, json=True, one_process=False
+        )
         outputs = {
             name: "RESULT "
             + json.dumps({"times": times, "steps_timed": 3, "peak_mb": 1.0})
@@ -233,3 +242,98 @@ class SpeedBenchmarkTest(TestCase):
         for name in ("bidora_first_order", "bidora_implicit_k1"):
             with self.assertRaisesRegex(ValueError, name):
                 speed._bidora_spec(name)
+
+    def test_one_process_runs_every_row_in_one_child_and_pools_them(self):
+        # Two rounds, the second in reverse order, as the child prints them.
+        printed = [
+            ("keras_lora", [1.0, 1.2]),
+            ("dora", [1.5, 1.4]),
+            ("dora", [1.6, 1.3]),
+            ("keras_lora", [1.1, 0.9]),
+        ]
+        stdout = "".join(
+            "RESULT "
+            + json.dumps(
+                {
+                    "name": name,
+                    "times": times,
+                    "faults": [4, 6],
+                    "steps_timed": 2,
+                    "peak_mb": None,
+                    "trainable_params": 7,
+                }
+            )
+            + "\n"
+            for name, times in printed
+        )
+        commands = []
+
+        def fake_run(command, **kwargs):
+            commands.append(command)
+            return argparse.Namespace(returncode=0, stdout=stdout, stderr="")
+
+        args = argparse.Namespace(
+            rows=["keras_lora", "dora"],
+            rounds=2,
+            json=True,
+            one_process=True,
+            batch_size=1,
+            sequence_length=8,
+            warmup=1,
+            steps=2,
+        )
+        original = speed.subprocess.run
+        speed.subprocess.run = fake_run
+        self.addCleanup(setattr, speed.subprocess, "run", original)
+        rows = {row["name"]: row for row in speed.run_backend("torch", args)}
+        self.assertEqual(len(commands), 1)
+        self.assertIn("--one-process-rows", commands[0])
+        self.assertEqual(
+            commands[0][commands[0].index("--rounds") + 1], str(args.rounds)
+        )
+        # Medians of the pooled steps: (1.0, 1.2, 1.1, 0.9) and
+        # (1.5, 1.4, 1.6, 1.3).
+        self.assertAlmostEqual(rows["keras_lora"]["step_s"], 1.05)
+        self.assertAlmostEqual(rows["dora"]["step_s"], 1.45)
+        self.assertEqual(rows["dora"]["ratio_to_keras_lora"], 1.381)
+        self.assertEqual(rows["dora"]["steps_timed"], 4)
+        self.assertEqual(rows["dora"]["page_faults_per_step"], 5.0)
+        self.assertIsNone(rows["dora"]["peak_mb"])
+        table = speed._markdown(list(rows.values()), args)
+        self.assertIn("all rows in one process", table)
+        self.assertNotIn("None", table)
+
+    def test_one_process_refuses_inference_rows(self):
+        with self.assertRaisesRegex(ValueError, "base_inference"):
+            speed.run_rows_in_turn(["dora", "base_inference"], 1, 1, 8, 1, 1)
+
+    def test_one_process_times_real_rows_in_turn(self):
+        if keras.config.backend() != "torch":
+            self.skipTest(
+                "one eager backend is enough to check the row building; "
+                "JAX and TensorFlow would compile each row for a minute"
+            )
+        results = speed.run_rows_in_turn(
+            ["keras_lora", "dora"],
+            rounds=2,
+            batch_size=1,
+            sequence_length=8,
+            warmup=1,
+            steps=2,
+        )
+        self.assertEqual(
+            [r["name"] for r in results],
+            ["keras_lora", "dora", "dora", "keras_lora"],
+        )
+        for result in results:
+            self.assertEqual(result["steps_timed"], 2)
+            self.assertEqual(len(result["times"]), 2)
+            self.assertEqual(len(result["faults"]), 2)
+            self.assertTrue(all(t > 0 for t in result["times"]))
+        # MiniLM-L6: query and value of 6 layers adapted at rank 8 (A, B
+        # and a magnitude per output unit), and the 2-class head.
+        hidden, rank = 384, 8
+        adapters = 6 * 2 * (hidden * rank + rank * hidden + hidden)
+        self.assertEqual(
+            results[1]["trainable_params"], adapters + hidden * 2 + 2
+        )
