@@ -69,6 +69,8 @@ import time
 
 # Keras's own LoRA first: the other rows' ratios are to it.
 KERAS_ROWS = ("keras_lora", "lora", "dora", "first_order", "darts")
+# The rows that train a BiDoRAModel (and hold out a fifth of their data).
+BILEVEL_ROWS = ("first_order", "darts")
 PEER_ROWS = ("peft_lora", "peft_dora")
 PEER_PACKAGES = ("peft", "transformers")
 IMPLEMENTATIONS = {
@@ -168,6 +170,29 @@ def _tokens(settings, samples):
     return rng.integers(0, vocabulary, shape).astype("int32")
 
 
+def causal_lm_data(settings, samples):
+    """`(x, y)` of `samples` sequences: token ids, their padding mask (all
+    ones) and the next tokens."""
+    import numpy as np
+
+    tokens = _tokens(settings, samples)
+    x = {
+        "token_ids": tokens[:, :-1],
+        "padding_mask": np.ones_like(tokens[:, :-1]),
+    }
+    return x, tokens[:, 1:]
+
+
+def parameter_counts(model):
+    """`{"trainable_parameters": ..., "parameters": ...}` of `model`."""
+    return {
+        "trainable_parameters": sum(
+            math.prod(v.shape) for v in model.trainable_variables
+        ),
+        "parameters": sum(math.prod(v.shape) for v in model.weights),
+    }
+
+
 def _summary(times, settings):
     """The timing fields of a row from every step's time."""
     import numpy as np
@@ -218,11 +243,11 @@ def _keras_trainer(causal_lm, method, rank):
     )
 
 
-def run_keras_row(backend, method, settings, rank, dtype):
-    """Trains a Keras row for a few steps; returns its JSON fields."""
+def keras_model(method, settings, rank, dtype):
+    """The row's compiled Keras model: a seeded `Llama3CausalLM` of the
+    settings' shape under the `dtype` policy, adapted for `method`."""
     import keras
     import keras_hub
-    import numpy as np
 
     keras.config.set_dtype_policy(dtype)
     keras.utils.set_random_seed(0)
@@ -235,26 +260,28 @@ def run_keras_row(backend, method, settings, rank, dtype):
         optimizer=keras.optimizers.AdamW(1e-4),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    trainable = model.trainable_variables
+    return model
 
+
+def run_keras_row(backend, method, settings, rank, dtype):
+    """Trains a Keras row for a few steps; returns its JSON fields."""
+    import keras
+
+    model = keras_model(method, settings, rank, dtype)
     batch_size = settings["batch_size"]
     samples = batch_size * (settings["warmup_steps"] + settings["timed_steps"])
-    bilevel = method in ("first_order", "darts")
+    bilevel = method in BILEVEL_ROWS
     if bilevel:
         # BiDoRA holds out a fifth of the samples for the upper level.
         samples = samples * 5 // 4
-    tokens = _tokens(settings, samples)
-    x = {
-        "token_ids": tokens[:, :-1],
-        "padding_mask": np.ones_like(tokens[:, :-1]),
-    }
+    x, y = causal_lm_data(settings, samples)
     # KerasHub's CausalLM.fit would send the arrays through its input
     # pipeline (tf.data or grain); Keras's own fit takes them as they are.
     fit = model.fit if bilevel else functools.partial(keras.Model.fit, model)
     timer = _StepTimer()
     fit(
         x,
-        tokens[:, 1:],
+        y,
         batch_size=batch_size,
         epochs=1,
         shuffle=False,
@@ -264,9 +291,8 @@ def run_keras_row(backend, method, settings, rank, dtype):
     return {
         **_summary(timer.times, settings),
         "loss": timer.losses[-1],
-        "trainable_parameters": sum(math.prod(v.shape) for v in trainable),
-        "parameters": sum(math.prod(v.shape) for v in model.weights),
-        "adapter_dtype": str(trainable[0].dtype),
+        **parameter_counts(model),
+        "adapter_dtype": str(model.trainable_variables[0].dtype),
         "device": _device(backend),
         "versions": _versions(("keras", "keras_hub", backend)),
     }

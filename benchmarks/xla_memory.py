@@ -25,7 +25,6 @@ Each method runs in its own process; each prints one JSON line.
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -35,8 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import accelerator  # noqa: E402
 
-METHODS = ("dora", "first_order", "darts")
-BILEVEL = ("first_order", "darts")
+METHODS = ("dora", *accelerator.BILEVEL_ROWS)
 RANK = 8
 
 
@@ -58,13 +56,8 @@ def _batches(model, method, settings):
 
     batch_size = settings["batch_size"]
     # Five batches: BiDoRA holds out a fifth of them for the upper level.
-    tokens = accelerator._tokens(settings, 5 * batch_size)
-    x = {
-        "token_ids": tokens[:, :-1],
-        "padding_mask": np.ones_like(tokens[:, :-1]),
-    }
-    y = tokens[:, 1:]
-    if method in BILEVEL:
+    x, y = accelerator.causal_lm_data(settings, 5 * batch_size)
+    if method in accelerator.BILEVEL_ROWS:
         prepared = inputs.bilevel_data(
             model, x, y, None, None, batch_size, None, False
         )
@@ -78,20 +71,8 @@ def _batches(model, method, settings):
 def analyse(method, settings):
     """Compiles `method`'s train step; returns XLA's sizes in bytes."""
     import jax
-    import keras
-    import keras_hub
 
-    keras.config.set_dtype_policy("bfloat16")
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.Llama3Backbone(**settings["model"])
-    causal_lm = keras_hub.models.Llama3CausalLM(
-        backbone=backbone, preprocessor=None
-    )
-    model = accelerator._keras_trainer(causal_lm, method, RANK)
-    model.compile(
-        optimizer=keras.optimizers.AdamW(1e-4),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    model = accelerator.keras_model(method, settings, RANK, "bfloat16")
     batch = _batches(model, method, settings)
     state = tuple(
         [v.value for v in variables]
@@ -117,10 +98,7 @@ def analyse(method, settings):
         "alias_bytes": analysis.alias_size_in_bytes,
         "temp_bytes": analysis.temp_size_in_bytes,
         "compile_s": round(time.perf_counter() - start, 1),
-        "trainable_parameters": sum(
-            math.prod(v.shape) for v in model.trainable_variables
-        ),
-        "parameters": sum(math.prod(v.shape) for v in model.weights),
+        **accelerator.parameter_counts(model),
         "layers": settings["model"]["num_layers"],
         "batch": [settings["batch_size"], settings["sequence_length"]],
         "device": str(jax.devices()[0].device_kind),
