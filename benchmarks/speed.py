@@ -174,12 +174,7 @@ def run_rows_in_turn(names, rounds, batch_size, sequence_length, warmup, steps):
     Returns:
         One result per row and round, each with the row's `name`.
     """
-    inference = [name for name in names if name.endswith("inference")]
-    if inference:
-        raise ValueError(
-            "--one-process times training rows only. Received inference "
-            f"rows: {inference}"
-        )
+    _check_training_rows(names)
     rows = {
         name: _training_row(name, batch_size, sequence_length, warmup, steps)
         for name in names
@@ -190,6 +185,16 @@ def run_rows_in_turn(names, rounds, batch_size, sequence_length, warmup, steps):
         for name in order:
             results.append({"name": name, **_timed_fit(rows[name])})
     return results
+
+
+def _check_training_rows(names):
+    """Raises a ValueError quoting the inference rows among `names`."""
+    inference = [name for name in names if name.endswith("inference")]
+    if inference:
+        raise ValueError(
+            "--one-process times training rows only. Received inference "
+            f"rows: {inference}"
+        )
 
 
 def _run_inference_row(name, batch_size, sequence_length, warmup, steps):
@@ -661,12 +666,11 @@ def main():
         args.steps = 5 if args.quick else 20
     if args.row or args.one_process_rows:
         return _row_main(args)
-    inference = [name for name in args.rows if name.endswith("inference")]
-    if args.one_process and inference:
-        parser.error(
-            "--one-process times training rows only. Received inference "
-            f"rows: {inference}"
-        )
+    if args.one_process:
+        try:
+            _check_training_rows(args.rows)
+        except ValueError as error:
+            parser.error(str(error))
     command = " ".join(["python", "benchmarks/speed.py"] + sys.argv[1:])
     for backend in [args.backend] if args.backend else BACKENDS:
         rows = run_backend(backend, args)

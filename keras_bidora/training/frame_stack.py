@@ -6,9 +6,9 @@ in March 2026), frees a chunk as soon as the first frame in it returns.
 A loop whose calls cross the end of a chunk then maps and unmaps a chunk on
 every call (an `mmap`, a page fault and a `munmap`). An eager torch train
 step makes some 100,000 Python calls through Keras's layers; depending only
-on the depth it starts at, 0 to 1,900 of them a step crossed a chunk's end
-(a MiniLM `first_order` step inside `fit`: about 500-1,500, a quarter of
-its time at batch 1 x 8 on 2 CPU cores).
+on the depth it starts at, up to about 2,000 of them a step crossed a
+chunk's end (a MiniLM `first_order` step inside `fit`: about 500-1,200, a
+quarter of its time at batch 1 x 8 on 2 CPU cores).
 
 `call_with_room(fn, *args)` calls `fn` from a frame of 64 KiB. No 16 KiB
 chunk can hold it, so CPython gives it a fresh chunk of 128 KiB, and the
