@@ -494,10 +494,12 @@ TARGETS = {
         "dora`), and the lower one adds the orthogonality penalty, whose "
         "cost does not shrink with the batch (about 5 ms for its value and "
         "gradient over MiniLM's 12 adapted layers, one stacked group, on "
-        "torch and 2 CPU cores; 16-18 ms layer by layer). Where a DoRA "
-        "step is itself over 1.05x Keras "
-        "LoRA's (the small shapes), two passes are over 2.1x before any "
-        "overhead.",
+        "torch and 2 CPU cores; 16-18 ms layer by layer). Its passes "
+        "compute the column norms once per group of layers "
+        "(`shared_column_scales`), where the `dora` row computes them "
+        "layer by layer; what is left is the passes' own op dispatch, "
+        "and run-to-run drift of a few percent on the 2-core machine "
+        "(benchmarks/README.md, 'Where the time goes').",
     ),
     "bidora_first_order_k4": (
         None,

@@ -1,5 +1,6 @@
 import json
 import math
+from unittest import mock
 
 import keras
 import numpy as np
@@ -9,6 +10,8 @@ from keras import ops
 
 from keras_bidora import BiDoRADense
 from keras_bidora import direction_regularization
+from keras_bidora.layers import bidora_dense
+from keras_bidora.layers.bidora_dense import shared_column_scales
 from tests.test_case import TestCase
 from tests.test_case import gradients
 from tests.test_case import to_numpy
@@ -638,6 +641,141 @@ class BiDoRADenseTest(TestCase):
         self.assertGreater(abs(expected() - before), 1e-3)
         self.assertAllClose(
             direction_regularization(layers), expected(), atol=1e-5
+        )
+
+    def test_shared_column_scales_match_numpy(self):
+        # Inside the block, layers of one group take their scales from one
+        # stacked computation: each must still compute its own DoRA output
+        # and gradient. The layers form four groups (three alike, another
+        # shape, another rank, a detached norm) and a LoRA layer.
+        def layer(case, seed, **kwargs):
+            kwargs.setdefault("rank", RANK)
+            made = BiDoRADense(
+                make_base(case, seed=seed), alpha=ALPHA, **kwargs
+            )
+            made.build()
+            randomize_adapter(made, seed=seed)
+            return made
+
+        layers = [layer("dense", seed) for seed in range(3)]
+        layers += [
+            layer("gemma_query", 3),
+            layer("dense", 4, rank=3),
+            layer("dense", 5, detach_norm=True),
+            layer("dense", 6, magnitude=False),
+        ]
+        cases = ["dense"] * 3 + ["gemma_query"] + ["dense"] * 3
+        ranks = [RANK] * 4 + [3] + [RANK] * 2
+        inputs = [make_inputs(case, seed=i) for i, case in enumerate(cases)]
+
+        def expected_output(index, values, norm=None):
+            kernel = numpy_merged_kernel(
+                values["kernel"],
+                values["lora_a"],
+                values["lora_b"],
+                values["magnitude"],
+                cases[index],
+                norm=norm,
+                scale=ALPHA / ranks[index],
+            )
+            return numpy_forward(
+                inputs[index], kernel, values["bias"], cases[index]
+            )
+
+        with shared_column_scales(layers):
+            outputs = [layer(x) for layer, x in zip(layers, inputs)]
+        for index, output in enumerate(outputs):
+            self.assertAllClose(
+                output,
+                expected_output(index, numpy_variables(layers[index])),
+                atol=1e-5,
+                rtol=1e-5,
+            )
+
+        targets = [
+            np.random.default_rng(i).normal(size=output.shape)
+            for i, output in enumerate(outputs)
+        ]
+
+        def loss():
+            with shared_column_scales(layers):
+                return sum(
+                    ops.sum(layer(x) * ops.convert_to_tensor(t, "float32"))
+                    for layer, x, t in zip(layers, inputs, targets)
+                )
+
+        for index in (1, 3, 4, 5):
+            checked = layers[index]
+            values = numpy_variables(checked)
+            norm = None
+            if checked.detach_norm:
+                norm = pairwise_norm(values, "dense")
+            grads = gradients(
+                loss, [checked.magnitude, checked.lora_a, checked.lora_b]
+            )
+            references = numeric_gradients(
+                lambda v: np.sum(
+                    expected_output(index, v, norm) * targets[index]
+                ),
+                values,
+                ["magnitude", "lora_a", "lora_b"],
+            )
+            for grad, reference in zip(grads, references):
+                self.assertGreater(np.abs(reference).max(), 1e-3)
+                self.assertAllClose(grad, reference, atol=1e-3, rtol=1e-3)
+
+    def test_shared_column_scales_compute_each_group_once(self):
+        # The point of the block: one norm computation per group for the
+        # outputs and the penalty together, where layer by layer each
+        # output computes its own.
+        layers = [self.make_layer("dense") for _ in range(3)]
+        for seed, layer in enumerate(layers):
+            randomize_adapter(layer, seed=seed)
+        x = make_inputs("dense")
+        expected_penalty = np.mean(
+            [numpy_penalty(numpy_variables(layer), "dense") for layer in layers]
+        )
+        calls = []
+        original = bidora_dense._norm_parts
+
+        def counting(*args):
+            calls.append(tuple(args[2].shape))
+            return original(*args)
+
+        with mock.patch.object(bidora_dense, "_norm_parts", counting):
+            for layer in layers:
+                layer(x)
+            self.assertLen(calls, 3)
+            calls.clear()
+            with shared_column_scales(layers):
+                for layer in layers:
+                    layer(x)
+                penalty = direction_regularization(layers)
+            self.assertEqual(calls, [(3, 5, RANK)])
+        self.assertAllClose(penalty, expected_penalty, atol=1e-5)
+
+    def test_shared_column_scales_end_with_the_block(self):
+        # After the block (left normally or by an error) the layers follow
+        # their adapters again; a layer outside the block's list computes
+        # its own scale inside it.
+        inside, outside = self.make_layer("dense"), self.make_layer("dense")
+        randomize_adapter(inside)
+        randomize_adapter(outside, seed=4)
+        x = make_inputs("dense")
+        with self.assertRaisesRegex(RuntimeError, "inside the block"):
+            with shared_column_scales([inside]):
+                inside(x)
+                self.assertAllClose(
+                    outside(x),
+                    numpy_output(x, numpy_variables(outside), "dense"),
+                    atol=1e-5,
+                )
+                raise RuntimeError("inside the block")
+        randomize_adapter(inside, seed=7)
+        self.assertAllClose(
+            inside(x),
+            numpy_output(x, numpy_variables(inside), "dense"),
+            atol=1e-5,
         )
 
     def test_direction_regularization_zero_for_orthogonal_kernel(self):

@@ -1,8 +1,10 @@
 """The BiDoRADense layer: a weight-decomposed low-rank adapter."""
 
 import collections
+import contextlib
 import math
 import string
+import threading
 
 import keras
 from keras import ops
@@ -192,6 +194,7 @@ class BiDoRADense(keras.layers.Layer):
         self.lora_b = None
         self._frozen_cache = None
         self._group_cache = None
+        self._off_diagonal_cache = None
 
     def _analyze_kernel(self):
         kernel_shape = tuple(self.layer.kernel.shape)
@@ -361,6 +364,15 @@ class BiDoRADense(keras.layers.Layer):
         """Returns `m / ||W0 + s * A @ B||_c`, one entry per output unit."""
         return self._column_scale(self._low_rank_parts())
 
+    def _call_scale(self, frozen=None):
+        """The column scale for `call`: from `shared_column_scales` when
+        one covers this layer, else computed here (from `frozen`, the
+        `_frozen_parts()` if the caller has them)."""
+        shared = _SharedNorms.covering(self)
+        if shared is not None:
+            return shared.column_scale(self)
+        return self._column_scale(self._low_rank_parts(frozen))
+
     def _column_scale(self, parts):
         # At least epsilon: `norm_squared` is at least its square.
         norm = ops.sqrt(parts.norm_squared())
@@ -442,7 +454,7 @@ class BiDoRADense(keras.layers.Layer):
             ops.matmul(adapter_inputs, lora_a), lora_b
         )
         if self.use_magnitude:
-            scale = self._column_scale(self._low_rank_parts(frozen))
+            scale = self._call_scale(frozen)
             outputs = outputs * _cast(scale, compute_dtype)
         if len(self._out_shape) > 1:
             outputs = ops.reshape(outputs, batch_shape + self._out_shape)
@@ -468,7 +480,7 @@ class BiDoRADense(keras.layers.Layer):
         )
         outputs = outputs + update
         if self.use_magnitude:
-            scale = _reshape(self.column_scale(), self._out_shape)
+            scale = _reshape(self._call_scale(), self._out_shape)
             scale = _transpose(scale, self._scale_perm)
             scale = _reshape(scale, self._scale_shape)
             outputs = outputs * _cast(scale, compute_dtype)
@@ -654,15 +666,136 @@ def direction_regularization(model_or_layers):
     for layer in layers:
         if layer.lora_a is None:
             layer.build()
-    penalties = [
-        ops.cast(_orthogonality(group), "float32")
-        for group in _same_shapes(layers)
-    ]
+    shared = _SharedNorms.covering(*layers)
+    penalties = []
+    for group in _same_shapes(layers):
+        norms = shared.group(group) if shared else _group_norms(group)
+        penalties.append(ops.cast(_orthogonality(group, norms), "float32"))
     return ops.mean(ops.concatenate(penalties))
 
 
+@contextlib.contextmanager
+def shared_column_scales(model_or_layers):
+    """Computes the column norms of same-shaped adapted layers together.
+
+    Inside the block, each `BiDoRADense` of `model_or_layers` takes its
+    column scale `m / ||W0 + s*A@B||_c` from one computation per group of
+    layers of one shape, rank, scale and kind (stacked on a leading axis,
+    as `direction_regularization` computes its penalty), made the first
+    time a layer of the block needs it; `direction_regularization` of the
+    same layers reuses those norms. At small shapes on eager torch, where
+    each op's dispatch costs more than its arithmetic, this dispatches the
+    column norm's ops once per group instead of once per layer. The
+    values are those computed layer by layer, to float rounding.
+
+    The adapters' values are read once: don't assign them inside the
+    block. Layers not in `model_or_layers` compute their own scales.
+    `BiDoRAModel`'s train steps compute each loss inside such a block.
+
+    Args:
+        model_or_layers: a model, a layer, or a list of them.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> from keras_bidora import BiDoRADense
+    >>> from keras_bidora.layers.bidora_dense import shared_column_scales
+    >>> layers = []
+    >>> for _ in range(2):
+    ...     dense = keras.layers.Dense(4)
+    ...     dense.build((None, 8))
+    ...     layers.append(BiDoRADense(dense, rank=2))
+    >>> x = np.random.rand(3, 8).astype("float32")
+    >>> with shared_column_scales(layers):
+    ...     together = [layer(x) for layer in layers]
+    >>> bool(np.allclose(together[1], layers[1](x), atol=1e-6))
+    True
+    """
+    shared = _SharedNorms(adapted_layers(model_or_layers))
+    active = _SharedNorms.active()
+    active.append(shared)
+    try:
+        yield
+    finally:
+        active.remove(shared)
+
+
+class _SharedNorms:
+    """The stacked column norms of one `shared_column_scales` block."""
+
+    _local = threading.local()
+
+    def __init__(self, layers):
+        self.layers = layers
+        self._ids = {id(layer) for layer in layers}
+        self._groups = {}
+        self._scales = {}
+
+    @classmethod
+    def active(cls):
+        """This thread's open blocks, innermost last.
+
+        Per thread: a `tf.distribute` strategy runs its replicas' steps in
+        threads of their own.
+        """
+        if not hasattr(cls._local, "blocks"):
+            cls._local.blocks = []
+        return cls._local.blocks
+
+    @classmethod
+    def covering(cls, *layers):
+        """The innermost open block holding all of `layers`, or None."""
+        for shared in reversed(cls.active()):
+            if all(id(layer) in shared._ids for layer in layers):
+                return shared
+        return None
+
+    def group(self, layers):
+        """`_group_norms(layers)`, computed once in the block."""
+        key = tuple(id(layer) for layer in layers)
+        if key not in self._groups:
+            self._groups[key] = _group_norms(layers)
+        return self._groups[key]
+
+    def column_scale(self, layer):
+        """`layer.column_scale()`, from its group's stacked norms.
+
+        The first layer of a group to ask computes the scales of the
+        group's built layers that have none yet (a layer may be built by
+        its first call, inside the block).
+        """
+        if id(layer) not in self._scales:
+            waiting = [
+                other
+                for other in self.layers
+                if other.use_magnitude
+                and other.lora_a is not None
+                and id(other) not in self._scales
+            ]
+            for group in _same_shapes(waiting):
+                if any(other is layer for other in group):
+                    self._scales.update(self._group_scales(group))
+        return self._scales[id(layer)]
+
+    def _group_scales(self, layers):
+        norm = ops.sqrt(self.group(layers).parts.norm_squared())
+        if layers[0].detach_norm:
+            norm = ops.stop_gradient(norm)
+        magnitude = ops.stack(
+            [
+                _reshape(layer.magnitude.value, (layer._out_units,))
+                for layer in layers
+            ]
+        )
+        scales = ops.unstack(magnitude / norm, len(layers))
+        return {id(layer): scale for layer, scale in zip(layers, scales)}
+
+
 def _same_shapes(layers):
-    """`layers` in groups that one batched penalty can take."""
+    """`layers` in groups that one stacked computation can take: the same
+    shapes, rank, scale and dtype, with or without magnitude alike, and
+    with the norm detached or not alike."""
     groups = {}
     for layer in layers:
         key = (
@@ -671,9 +804,24 @@ def _same_shapes(layers):
             layer.rank,
             layer.scale,
             layer.adapter_dtype,
+            layer.use_magnitude,
+            layer.detach_norm,
         )
         groups.setdefault(key, []).append(layer)
     return list(groups.values())
+
+
+_GroupNorms = collections.namedtuple("_GroupNorms", "parts base lora_b")
+
+
+def _group_norms(layers):
+    """`_norm_parts` of same-shaped `layers`, stacked on a leading axis,
+    with the stacked `W0` and B that the penalty needs besides."""
+    base, base_squared = _stacked_frozen(layers)
+    lora_a = ops.stack([layer.lora_a.value for layer in layers])
+    lora_b = ops.stack([layer.lora_b.value for layer in layers])
+    parts = _norm_parts(base, base_squared, lora_a, lora_b, layers[0].scale)
+    return _GroupNorms(parts, base, lora_b)
 
 
 class _NormParts(
@@ -722,12 +870,13 @@ def _norm_parts(base, base_squared, lora_a, lora_b, scale):
     return _NormParts(base_squared, update, projected, gram_a)
 
 
-def _orthogonality(layers):
+def _orthogonality(layers, norms):
     """`||V^T V - I||_F` of each layer, without forming V or `V^T V`.
 
     `layers` share their shapes, rank and scale (see `_same_shapes`), and
-    are computed together, stacked on a leading axis: at small shapes each
-    op's dispatch costs more than its arithmetic.
+    are computed together, stacked on a leading axis (`norms`, their
+    `_group_norms`): at small shapes each op's dispatch costs more than its
+    arithmetic.
 
     With `W = W0 + s*A@B`, `G = W^T W = G0 + Q M Q^T`, where `G0 = W0^T W0`,
     `Q = [s W0^T A, B^T]` (out, 2r) and `M = [[0, I], [I, s^2 A^T A]]`.
@@ -747,12 +896,8 @@ def _orthogonality(layers):
     Returns:
         A tensor of shape `(len(layers),)`.
     """
-    base, base_squared, off_diagonal, off_diagonal_squared = _stacked_frozen(
-        layers
-    )
-    lora_a = ops.stack([layer.lora_a.value for layer in layers])
-    lora_b = ops.stack([layer.lora_b.value for layer in layers])
-    parts = _norm_parts(base, base_squared, lora_a, lora_b, layers[0].scale)
+    parts, base, lora_b = norms
+    off_diagonal, off_diagonal_squared = _off_diagonal(layers, base)
     inverse = 1 / parts.norm_squared()
     factors = _swap(ops.concatenate([parts.projected, lora_b], axis=-2))
     gram_a = parts.gram_a
@@ -779,9 +924,9 @@ def _orthogonality(layers):
 
 
 def _stacked_frozen(layers):
-    """The layers' `W0`, its squared column norms, `O` and `O o O`, stacked.
+    """The layers' `W0` and its squared column norms, stacked.
 
-    All but `W0` are kept, as `BiDoRADense._frozen_parts` keeps a layer's
+    The norms are kept, as `BiDoRADense._frozen_parts` keeps a layer's
     parts, where the backend can tell that no `W0` has changed. `W0` is
     stacked anew on each call (mostly from views of the kernels), so that no
     second copy of the kernels is kept.
@@ -790,14 +935,28 @@ def _stacked_frozen(layers):
     base = ops.stack([base for base, _ in parts])
 
     def compute():
-        base_squared = ops.stack([squared for _, squared in parts])
+        return ops.stack([squared for _, squared in parts])
+
+    return base, _kept(layers[0], "_group_cache", _group_key(layers), compute)
+
+
+def _off_diagonal(layers, base):
+    """`O`, `W0^T W0` off its diagonal, and `O o O`, for the stacked `W0`
+    of `layers` (`base`); kept as `_stacked_frozen` keeps the norms."""
+
+    def compute():
         identity = ops.eye(layers[0]._out_units, dtype=base.dtype)
         off_diagonal = ops.matmul(_swap(base), base) * (1 - identity)
-        return base_squared, off_diagonal, ops.square(off_diagonal)
+        return off_diagonal, ops.square(off_diagonal)
 
+    key = _group_key(layers)
+    return _kept(layers[0], "_off_diagonal_cache", key, compute)
+
+
+def _group_key(layers):
+    """The layers' `_frozen_key`s, or None if one of them is None."""
     keys = tuple(layer._frozen_key() for layer in layers)
-    key = None if any(key is None for key in keys) else keys
-    return (base, *_kept(layers[0], "_group_cache", key, compute))
+    return None if any(key is None for key in keys) else keys
 
 
 def _kept(owner, name, key, compute):

@@ -26,6 +26,7 @@ from keras import ops
 
 from keras_bidora import _keras_compat
 from keras_bidora.layers.bidora_dense import direction_regularization
+from keras_bidora.layers.bidora_dense import shared_column_scales
 from keras_bidora.training import backend as backend_lib
 from keras_bidora.training import hypergradients
 
@@ -180,7 +181,12 @@ class _Step:
         self.w, self.m = self.partition.split(self.trainable)
 
     def loss(self, w, m, batch, regularize):
-        """The task loss at `(w, m)` and `(y_pred, non-trainable updates)`."""
+        """The task loss at `(w, m)` and `(y_pred, non-trainable updates)`.
+
+        The adapted layers' column scales are computed once per group of
+        same-shaped layers, for the forward pass and the penalty together
+        (`shared_column_scales`).
+        """
         model = self.model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
         partition = self.partition
@@ -191,7 +197,10 @@ class _Step:
             mapping += list(
                 zip(partition.non_trainable_variables, self.non_trainable)
             )
-        with keras.StatelessScope(state_mapping=mapping) as scope:
+        with (
+            keras.StatelessScope(state_mapping=mapping) as scope,
+            shared_column_scales(partition.adapted_layers),
+        ):
             y_pred = model(x, training=True)
             loss = model.compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight
