@@ -23,6 +23,7 @@ import pytest
 
 from keras_bidora import BiDoRADense
 from keras_bidora import BiDoRAModel
+from keras_bidora.layers import bidora_dense
 from keras_bidora.training import hypergradients
 from keras_bidora.training import step as step_lib
 from tests.test_case import TestCase
@@ -856,6 +857,61 @@ class BiDoRAModelTest(TestCase):
             model.compile(
                 optimizer=optimizer, upper_optimizer=optimizer, loss="mse"
             )
+
+    def test_evaluate_and_predict_share_the_column_norms(self):
+        # Two adapters of one shape: evaluate and predict compute their
+        # column norms together (stacked), and still give each layer's own
+        # DoRA output, checked against NumPy.
+        inputs = keras.Input((4,), name="x")
+        hidden = adapter(4, 4, "first")(inputs)
+        hidden = keras.layers.Activation("tanh")(hidden)
+        hidden = adapter(4, 4, "second")(hidden)
+        base = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+        set_weights(base, seed=4)
+        model = self.compiled(base)
+        x, y = make_data(10)
+
+        def numpy_dora(layer, values):
+            kernel = to_numpy(layer.layer.kernel)
+            direction = kernel + layer.scale * (
+                to_numpy(layer.lora_a) @ to_numpy(layer.lora_b)
+            )
+            kernel = direction * (
+                to_numpy(layer.magnitude) / np.linalg.norm(direction, axis=0)
+            )
+            return values @ kernel + to_numpy(layer.layer.bias)
+
+        first, second = model.adapted_layers
+        head = base.get_layer("head")
+        expected = numpy_dora(second, np.tanh(numpy_dora(first, x)))
+        expected = expected @ to_numpy(head.kernel) + to_numpy(head.bias)
+
+        original = bidora_dense._norm_parts
+
+        def run(method, *args):
+            """`method(*args)` and, for each norm computation made inside a
+            step (Keras's own symbolic build calls the model outside any),
+            whether it was stacked."""
+            stacked = []
+
+            def recording(*args):
+                if bidora_dense._SharedNorms.active():
+                    stacked.append(len(args[2].shape) == 3)
+                return original(*args)
+
+            with mock.patch.object(bidora_dense, "_norm_parts", recording):
+                result = method(*args, batch_size=5, verbose=0)
+            self.assertNotEmpty(stacked, msg=method.__name__)
+            self.assertTrue(all(stacked), msg=method.__name__)
+            return result
+
+        self.assertAllClose(run(model.predict, x), expected, atol=1e-5)
+        self.assertAllClose(
+            run(model.evaluate, x, y),
+            np.mean(np.square(expected - y)),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
     def test_model_without_adapters(self):
         inputs = keras.Input((4,))

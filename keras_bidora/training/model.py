@@ -12,6 +12,7 @@ from keras_bidora.checks import check_count
 from keras_bidora.distribution import distribute_adapters
 from keras_bidora.layers.bidora_dense import adapted_layers
 from keras_bidora.layers.bidora_dense import check_quantization_mode
+from keras_bidora.layers.bidora_dense import shared_column_scales
 from keras_bidora.training import backend as backend_lib
 from keras_bidora.training import bilevel_dataset
 from keras_bidora.training import hypergradients
@@ -702,12 +703,18 @@ class BiDoRAModel(keras.Model):
         return logs
 
     def test_step(self, *args):
+        # As in the train steps, the column norms once per group of layers.
+        with shared_column_scales(self.adapted_layers):
+            result = super().test_step(*args)
         # The upper loss is a training quantity: keep `val_upper_loss` out.
-        result = super().test_step(*args)
         if keras.config.backend() == "jax":
             logs, state = result
             return self._without_upper_loss(logs), state
         return self._without_upper_loss(result)
+
+    def predict_step(self, *args):
+        with shared_column_scales(self.adapted_layers):
+            return super().predict_step(*args)
 
     @staticmethod
     def _without_upper_loss(logs):
