@@ -690,7 +690,8 @@ def shared_column_scales(model_or_layers):
 
     The adapters' values are read once: don't assign them inside the
     block. Layers not in `model_or_layers` compute their own scales.
-    `BiDoRAModel`'s train steps compute each loss inside such a block.
+    `BiDoRAModel` computes each loss of its train steps, and its
+    evaluation and prediction steps, inside such a block.
 
     Args:
         model_or_layers: a model, a layer, or a list of them.
