@@ -129,6 +129,17 @@ def randomize_adapter(layer, seed=2):
         )
 
 
+def random_layer(case, seed, rank=RANK, **kwargs):
+    """A built `BiDoRADense` on `make_base(case, seed)`, every adapter
+    variable random (`randomize_adapter` with the same seed)."""
+    layer = BiDoRADense(
+        make_base(case, seed=seed), rank=rank, alpha=ALPHA, **kwargs
+    )
+    layer.build()
+    randomize_adapter(layer, seed=seed)
+    return layer
+
+
 def numpy_variables(layer):
     """The values the NumPy reference needs, in float64."""
     as64 = lambda v: None if v is None else to_numpy(v).astype("float64")  # noqa: E731
@@ -596,16 +607,11 @@ class BiDoRADenseTest(TestCase):
         # Layers of one shape, rank and scale are computed together, stacked:
         # each must still get its own penalty and gradient, and follow its
         # own W0.
-        def layer(case, seed, rank=RANK):
-            made = BiDoRADense(
-                make_base(case, seed=seed), rank=rank, alpha=ALPHA
-            )
-            made.build()
-            randomize_adapter(made, seed=seed)
-            return made
-
-        layers = [layer("dense", seed) for seed in range(3)]
-        layers += [layer("gemma_query", 3), layer("dense", 4, rank=3)]
+        layers = [random_layer("dense", seed) for seed in range(3)]
+        layers += [
+            random_layer("gemma_query", 3),
+            random_layer("dense", 4, rank=3),
+        ]
         cases = ["dense"] * 3 + ["gemma_query", "dense"]
         scales = [ALPHA / RANK] * 4 + [ALPHA / 3]
 
@@ -648,21 +654,12 @@ class BiDoRADenseTest(TestCase):
         # stacked computation: each must still compute its own DoRA output
         # and gradient. The layers form four groups (three alike, another
         # shape, another rank, a detached norm) and a LoRA layer.
-        def layer(case, seed, **kwargs):
-            kwargs.setdefault("rank", RANK)
-            made = BiDoRADense(
-                make_base(case, seed=seed), alpha=ALPHA, **kwargs
-            )
-            made.build()
-            randomize_adapter(made, seed=seed)
-            return made
-
-        layers = [layer("dense", seed) for seed in range(3)]
+        layers = [random_layer("dense", seed) for seed in range(3)]
         layers += [
-            layer("gemma_query", 3),
-            layer("dense", 4, rank=3),
-            layer("dense", 5, detach_norm=True),
-            layer("dense", 6, magnitude=False),
+            random_layer("gemma_query", 3),
+            random_layer("dense", 4, rank=3),
+            random_layer("dense", 5, detach_norm=True),
+            random_layer("dense", 6, magnitude=False),
         ]
         cases = ["dense"] * 3 + ["gemma_query"] + ["dense"] * 3
         ranks = [RANK] * 4 + [3] + [RANK] * 2

@@ -361,13 +361,16 @@ class BiDoRADense(keras.layers.Layer):
         return _kept(self, "_frozen_cache", self._frozen_key(), compute)
 
     def column_scale(self):
-        """Returns `m / ||W0 + s * A @ B||_c`, one entry per output unit."""
-        return self._column_scale(self._low_rank_parts())
+        """Returns `m / ||W0 + s * A @ B||_c`, one entry per output unit.
 
-    def _call_scale(self, frozen=None):
-        """The column scale for `call`: from `shared_column_scales` when
-        one covers this layer, else computed here (from `frozen`, the
-        `_frozen_parts()` if the caller has them)."""
+        Inside a `shared_column_scales` block that holds this layer, the
+        scale is its group's.
+        """
+        return self._scale()
+
+    def _scale(self, frozen=None):
+        """`column_scale()`, from `frozen` (`_frozen_parts()`) where the
+        caller has it."""
         shared = _SharedNorms.covering(self)
         if shared is not None:
             return shared.column_scale(self)
@@ -454,7 +457,7 @@ class BiDoRADense(keras.layers.Layer):
             ops.matmul(adapter_inputs, lora_a), lora_b
         )
         if self.use_magnitude:
-            scale = self._call_scale(frozen)
+            scale = self._scale(frozen)
             outputs = outputs * _cast(scale, compute_dtype)
         if len(self._out_shape) > 1:
             outputs = ops.reshape(outputs, batch_shape + self._out_shape)
@@ -480,7 +483,7 @@ class BiDoRADense(keras.layers.Layer):
         )
         outputs = outputs + update
         if self.use_magnitude:
-            scale = _reshape(self._call_scale(), self._out_shape)
+            scale = _reshape(self.column_scale(), self._out_shape)
             scale = _transpose(scale, self._scale_perm)
             scale = _reshape(scale, self._scale_shape)
             outputs = outputs * _cast(scale, compute_dtype)
