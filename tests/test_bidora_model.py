@@ -439,11 +439,19 @@ class BiDoRAModelTest(TestCase):
         # 5e-2 for first_order.
         self.check_train_step("darts_forward", atol=1e-3, rtol=1e-3)
 
-    def check_train_step(self, hypergradient, atol, rtol):
+    def test_train_on_batch_is_one_bilevel_step(self):
+        # train_on_batch with upper_data: the same step as fit's, against
+        # the same autodiff reference; its logs are the step's losses.
+        self.check_train_step(
+            "darts", atol=2e-4, rtol=1e-3, run="train_on_batch"
+        )
+
+    def check_train_step(self, hypergradient, atol, rtol, run="fit"):
         # One step, SGD at both levels: the lower variables move along the
         # lower gradient (task loss + penalty) and the magnitudes along the
         # exact one-step unrolled hypergradient, computed here by autodiff
-        # through the unroll with xi = the lower learning rate.
+        # through the unroll with xi = the lower learning rate. `run` is
+        # "fit" or "train_on_batch".
         x, y = make_data(8)
         x_up, y_up = make_data(6, seed=2)
         lower_rate, upper_rate = 0.3, 0.5
@@ -497,21 +505,93 @@ class BiDoRAModelTest(TestCase):
         # Copies: on torch, `m` holds the variables' own tensors.
         m_start = [to_numpy(mi).copy() for mi in m]
 
-        model.fit(
-            x,
-            y,
-            batch_size=8,
-            upper_data=(x_up, y_up),
-            upper_batch_size=6,
-            shuffle=False,
-            verbose=0,
-        )
+        if run == "fit":
+            model.fit(
+                x,
+                y,
+                batch_size=8,
+                upper_data=(x_up, y_up),
+                upper_batch_size=6,
+                shuffle=False,
+                verbose=0,
+            )
+        else:
+            expected_loss = to_numpy(loss(w, m, x, y, 0.1))
+            logs = model.train_on_batch(
+                x, y, upper_data=(x_up, y_up), return_dict=True
+            )
+            self.assertEqual(set(logs), {"loss", "upper_loss"})
+            self.assertAllClose(logs["loss"], expected_loss, atol=1e-6)
         for variable, expected in zip(w_vars, expected_w):
             self.assertAllClose(variable, expected, atol=1e-5, rtol=1e-5)
         for variable, expected, start in zip(m_vars, expected_m, m_start):
             self.assertAllClose(variable, expected, atol=atol, rtol=rtol)
             self.assertNotAllClose(variable, start, atol=1e-3)
         self.assertUnchanged(before, snapshot(model), FROZEN)
+
+    def test_train_on_batch_without_upper_data_is_a_lower_step(self):
+        # The direction and the head move along the lower gradient (task
+        # loss + penalty, autodiff here); the magnitudes stay, as in the
+        # retrain phase, and no upper loss is reported.
+        x, y = make_data(8)
+        rate = 0.3
+        model = self.compiled(
+            optimizer=keras.optimizers.SGD(rate), direction_regularization=0.1
+        )
+        trainable = model.trainable_variables
+        w_vars = [v for v in trainable if not v.path.endswith("magnitude")]
+
+        def lower_loss(w):
+            mapping = list(zip(w_vars, w))
+            with keras.StatelessScope(state_mapping=mapping):
+                error = keras.ops.subtract(model(x), y)
+                return keras.ops.mean(
+                    keras.ops.square(error)
+                ) + 0.1 * bidora_dense.direction_regularization(
+                    model.adapted_layers
+                )
+
+        w = [keras.ops.convert_to_tensor(v.value) for v in w_vars]
+        expected_loss = to_numpy(lower_loss(w))
+        expected_w = [
+            to_numpy(wi) - rate * to_numpy(gi)
+            for wi, gi in zip(w, grad(lower_loss, w))
+        ]
+        before = snapshot(model)
+        loss = model.train_on_batch(x, y)
+        self.assertAllClose(loss, expected_loss, atol=1e-6)
+        for variable, expected in zip(w_vars, expected_w):
+            self.assertAllClose(variable, expected, atol=1e-5, rtol=1e-5)
+        self.assertUnchanged(before, snapshot(model), MAGNITUDE + FROZEN)
+        self.assertEqual(int(to_numpy(model.upper_optimizer.iterations)), 0)
+
+    def test_train_on_batch_of_dora_is_one_joint_step(self):
+        # method="dora": Keras's train_on_batch, both parts along one
+        # gradient (autodiff here).
+        x, y = make_data(8)
+        rate = 0.3
+        model = self.compiled(
+            method="dora",
+            optimizer=keras.optimizers.SGD(rate),
+            upper_optimizer=keras.optimizers.SGD(rate),
+            direction_regularization=0,
+        )
+        variables = model.trainable_variables
+
+        def task_loss(values):
+            mapping = list(zip(variables, values))
+            with keras.StatelessScope(state_mapping=mapping):
+                error = keras.ops.subtract(model(x), y)
+                return keras.ops.mean(keras.ops.square(error))
+
+        values = [keras.ops.convert_to_tensor(v.value) for v in variables]
+        expected = [
+            to_numpy(v) - rate * to_numpy(g)
+            for v, g in zip(values, grad(task_loss, values))
+        ]
+        model.train_on_batch(x, y)
+        for variable, value in zip(variables, expected):
+            self.assertAllClose(variable, value, atol=1e-5, rtol=1e-5)
 
     def test_optimizer_iterations_count_steps(self):
         # 6 lower steps per epoch, an upper step at steps 1, 3 and 5.
@@ -713,6 +793,37 @@ class BiDoRAModelTest(TestCase):
         results = model.evaluate(x, y, verbose=0, return_dict=True)
         self.assertEqual(set(results), {"loss", "mae"})
 
+    def test_learning_rate_callbacks_reach_both_levels(self):
+        # Keras's callbacks treat the MultiOptimizer's sub-optimizers one by
+        # one, logging each rate under its optimizer's name: the upper
+        # level's copy of the lower optimizer has a name of its own.
+        x, y = make_data(10)
+        model = BiDoRAModel(build_base(), seed=0)
+        model.compile(optimizer=keras.optimizers.Adam(0.04), loss="mse")
+        reduce = keras.callbacks.ReduceLROnPlateau(
+            monitor="loss", factor=0.5, patience=0, min_delta=1e9
+        )
+        history = model.fit(
+            x, y, batch_size=4, epochs=3, callbacks=[reduce], verbose=0
+        )
+        # The first epoch sets the best loss; the next two miss the
+        # (impossible) improvement: halved twice, each after its log.
+        for optimizer in (model.lower_optimizer, model.upper_optimizer):
+            self.assertAllClose(optimizer.learning_rate, 0.01, atol=1e-9)
+        self.assertEqual(
+            history.history["learning_rate_adam"],
+            history.history["learning_rate_upper_adam"],
+        )
+        self.assertAllClose(
+            history.history["learning_rate_upper_adam"], [0.04, 0.04, 0.02]
+        )
+        schedule = keras.callbacks.LearningRateScheduler(
+            lambda epoch: 0.1 / (epoch + 1)
+        )
+        model.fit(x, y, batch_size=4, epochs=2, callbacks=[schedule], verbose=0)
+        for optimizer in (model.lower_optimizer, model.upper_optimizer):
+            self.assertAllClose(optimizer.learning_rate, 0.05, atol=1e-9)
+
     def test_early_stopping_stops_the_bilevel_phase(self):
         x, y = make_data(20)
         model = self.compiled(optimizer=keras.optimizers.SGD(0.0))
@@ -842,10 +953,29 @@ class BiDoRAModelTest(TestCase):
     def test_unsupported_fit_arguments(self):
         model = self.compiled()
         x, y = make_data(10)
+        start = snapshot(model)
         with self.assertRaisesRegex(ValueError, "class_weight"):
             model.fit(x, y, class_weight={0: 1.0}, verbose=0)
         with self.assertRaisesRegex(ValueError, "steps_per_epoch"):
             model.fit(x, y, steps_per_epoch=2, verbose=0)
+        batches = ((x[i : i + 2], y[i : i + 2]) for i in range(0, 10, 2))
+        with self.assertRaisesRegex(ValueError, "x of type generator"):
+            model.fit(batches, verbose=0)
+        dataset = ArrayPyDataset(x, y, batch_size=2)
+        for phase in (model.fit, model.retrain):
+            with self.assertRaisesRegex(ValueError, "x of type ArrayPy"):
+                phase(dataset, validation_split=0.2, verbose=0)
+        with self.assertRaisesRegex(ValueError, "class_weight"):
+            model.train_on_batch(x, y, class_weight={0: 1.0})
+        with self.assertRaisesRegex(ValueError, "upper_data of type ndarray"):
+            model.train_on_batch(x, y, upper_data=x)
+        with self.assertRaisesRegex(ValueError, "same kind of features"):
+            model.train_on_batch(x, y, upper_data=({"a": x}, y))
+        dora = self.compiled(base=build_base(), method="dora")
+        with self.assertRaisesRegex(ValueError, "method='dora'"):
+            dora.train_on_batch(x, y, upper_data=(x, y))
+        # Nothing was trained, nor re-initialised by retrain, on the way.
+        self.assertUnchanged(start, snapshot(model), MAGNITUDE + DIRECTION)
 
     def test_compile_errors(self):
         model = BiDoRAModel(build_base(magnitude=False))

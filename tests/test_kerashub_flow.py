@@ -1,8 +1,9 @@
 """BiDoRAModel as a drop-in for the KerasHub task it wraps.
 
-Raw text goes through the task's preprocessor in `fit`, `evaluate` and
-`predict`; `generate` and the sampler are the task's. References: the task
-itself (its own `predict` and preprocessor) and NumPy losses.
+Raw text goes through the task's preprocessor in `fit`, `evaluate`,
+`predict` and the `*_on_batch` methods; `generate` and the sampler are the
+task's. References: the task itself (its own `predict` and preprocessor)
+and NumPy losses.
 """
 
 import os
@@ -28,7 +29,7 @@ NEGATIVE = ["bad movie", "a very bad plot", "the movie was bad"]
 STORIES = ["the cat sat", "a dog ran off", "the bird sang", "fish swim"]
 
 
-def classifier(sequence_length=8):
+def classifier(sequence_length=8, dropout=0.1):
     vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary)
     preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
@@ -41,10 +42,11 @@ def classifier(sequence_length=8):
         hidden_dim=16,
         intermediate_dim=32,
         max_sequence_length=sequence_length,
+        dropout=dropout,
     )
     _spread_embeddings(backbone)
     return keras_hub.models.BertTextClassifier(
-        backbone, num_classes=2, preprocessor=preprocessor
+        backbone, num_classes=2, preprocessor=preprocessor, dropout=dropout
     )
 
 
@@ -286,14 +288,60 @@ class ClassifierFlowTest(TestCase):
             atol=1e-5,
         )
 
+    def test_on_batch_methods_take_raw_strings_like_the_task(self):
+        # No dropout, no penalty: a training step's losses are then the
+        # model's. References: the task's own preprocessor and layers, and
+        # NumPy cross-entropies, taken before the step changes anything.
+        task = classifier(dropout=0.0)
+        model = BiDoRAModel(task, rank=2, direction_regularization=0)
+        model.compile(optimizer=keras.optimizers.Adam(3e-2))
+        lower, upper = self.texts[:6], self.texts[6:10]
+        pairs = (lower[:3], lower[3:6])
+        self.assertAllClose(
+            model.predict_on_batch(pairs),
+            to_numpy(task(task.preprocessor(x=pairs))),
+            atol=1e-5,
+        )
+        expected = []
+        for texts, labels in (
+            (lower, self.labels[:6]),
+            (upper, self.labels[6:10]),
+        ):
+            logits = to_numpy(task(task.preprocessor(texts)))
+            expected.append(
+                masked_cross_entropy(logits, labels, np.ones(len(labels)))
+            )
+        test_logs = model.test_on_batch(
+            lower, self.labels[:6], return_dict=True
+        )
+        self.assertAllClose(test_logs["loss"], expected[0], atol=1e-5)
+        magnitudes = [to_numpy(m).copy() for m in model.magnitudes]
+        logs = model.train_on_batch(
+            lower,
+            self.labels[:6],
+            upper_data=(upper, self.labels[6:10]),
+            return_dict=True,
+        )
+        self.assertAllClose(logs["loss"], expected[0], atol=1e-5)
+        self.assertAllClose(logs["upper_loss"], expected[1], atol=1e-5)
+        for before, after in zip(magnitudes, model.magnitudes):
+            self.assertNotAllClose(before, to_numpy(after), atol=1e-6)
+        # After the step, still the task's pipeline.
+        self.assertAllClose(
+            model.predict_on_batch(lower),
+            task.predict_on_batch(lower),
+            atol=1e-5,
+        )
+
     def test_raw_text_without_preprocessor_is_refused_unchanged(self):
         task = classifier()
         task.preprocessor = None
         model = BiDoRAModel(task, rank=2)
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         before = weights_of(model)
-        with self.assertRaisesRegex(ValueError, "no preprocessor"):
-            model.fit(self.texts, self.labels, verbose=0)
+        for phase in (model.fit, model.retrain):
+            with self.assertRaisesRegex(ValueError, "no preprocessor"):
+                phase(self.texts, self.labels, verbose=0)
         for old, new in zip(before, weights_of(model)):
             self.assertAllClose(old, new, atol=0)
 
@@ -357,7 +405,14 @@ class CausalLMFlowTest(TestCase):
             self.assertAllClose(weights[row], expected, atol=0)
 
     def test_both_levels_weigh_the_responses_only(self):
-        # No dropout: the training step's loss is then the model's.
+        self.check_response_weights("fit")
+
+    def test_train_on_batch_weighs_the_responses_only(self):
+        self.check_response_weights("train_on_batch")
+
+    def check_response_weights(self, run):
+        # No dropout: the training step's loss is then the model's. `run`
+        # is "fit" or "train_on_batch".
         task = causal_lm(dropout=0.0)
         model = BiDoRAModel(task, rank=2, direction_regularization=0)
         model.compile(optimizer=keras.optimizers.Adam(3e-2))
@@ -382,17 +437,24 @@ class CausalLMFlowTest(TestCase):
                 weights[row, start:end] = 1
             logits = to_numpy(model.model(x))
             expected.append(masked_cross_entropy(logits, to_numpy(y), weights))
-        logs = _StepLogger()
-        model.fit(
-            lower,
-            upper_data=upper,
-            batch_size=2,
-            callbacks=[logs],
-            verbose=0,
-        )
-        self.assertLen(logs.losses, 1)
-        self.assertAllClose(logs.losses[0], expected[0], atol=1e-5)
-        self.assertAllClose(logs.upper_losses[0], expected[1], atol=1e-5)
+        if run == "fit":
+            logs = _StepLogger()
+            model.fit(
+                lower,
+                upper_data=upper,
+                batch_size=2,
+                callbacks=[logs],
+                verbose=0,
+            )
+            self.assertLen(logs.losses, 1)
+            losses = logs.losses[0], logs.upper_losses[0]
+        else:
+            logs = model.train_on_batch(
+                lower, upper_data=upper, return_dict=True
+            )
+            losses = logs["loss"], logs["upper_loss"]
+        self.assertAllClose(losses[0], expected[0], atol=1e-5)
+        self.assertAllClose(losses[1], expected[1], atol=1e-5)
 
     def test_generate_save_reload_merge(self):
         self.model.fit(self.texts, batch_size=4, epochs=2, verbose=0)

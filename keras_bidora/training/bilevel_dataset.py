@@ -25,7 +25,8 @@ def _take(structure, indices):
     )
 
 
-def _pack(x, y, sample_weight):
+def pack_batch(x, y, sample_weight):
+    """`(x,)`, `(x, y)` or `(x, y, sample_weight)`: a tuple, whatever `x`."""
     if sample_weight is not None:
         return (x, y, sample_weight)
     if y is not None:
@@ -75,7 +76,7 @@ class ArraySource:
             indices = order[(start + np.arange(width)) % self.size]
         else:
             indices = order[start : start + self.batch_size]
-        return _pack(*_take(self.data, indices))
+        return pack_batch(*_take(self.data, indices))
 
 
 class BatchSource:
@@ -205,7 +206,7 @@ def _concatenated(first, second):
 
 def _numpy_batch(batch):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
-    return _pack(*to_numpy((x, y, sample_weight)))
+    return pack_batch(*to_numpy((x, y, sample_weight)))
 
 
 def is_dataset(x):

@@ -2,11 +2,13 @@
 
 `bilevel_data` builds the bi-level phase's `(lower, upper, due)` batches
 from whatever `fit` received; `plain_data` the batches of the other phases,
-`evaluate` and `predict` when the inputs are raw (token arrays go to Keras
-untouched).
+`evaluate` and `predict` when the inputs are raw, and `one_batch` the batch
+of `train_on_batch`, `test_on_batch` and `predict_on_batch` (token arrays
+go to Keras untouched).
 """
 
 import keras
+import numpy as np
 
 from keras_bidora import config
 from keras_bidora.training import raw_inputs
@@ -16,6 +18,7 @@ from keras_bidora.training.bilevel_dataset import BatchSource
 from keras_bidora.training.bilevel_dataset import BiLevelDataset
 from keras_bidora.training.bilevel_dataset import check_no_labels
 from keras_bidora.training.bilevel_dataset import first_batch_size
+from keras_bidora.training.bilevel_dataset import pack_batch
 from keras_bidora.training.bilevel_dataset import split_sources
 from keras_bidora.training.bilevel_dataset import stream
 
@@ -155,6 +158,68 @@ def plain_data(model, x, y, sample_weight, batch_size, shuffle, what="x"):
         )
     batches = Batches(source, transform)
     return Prepared(batches, None, epoch_setter=batches)
+
+
+def one_batch(model, x, y=None, sample_weight=None, what="x"):
+    """One batch `(x, y, sample_weight)`, raw inputs preprocessed.
+
+    As a KerasHub task's `train_on_batch`, `test_on_batch` and
+    `predict_on_batch` take raw samples: they go through the task's
+    preprocessor (`y` and `sample_weight` with them); other inputs are
+    returned as they are.
+    """
+    if not raw_inputs.is_raw(x):
+        return x, y, sample_weight
+    raw_inputs.check_task(model.model, x, y, what=what)
+    transform = raw_inputs.batch_transform(model.model, True)
+    batch = transform((raw_inputs.as_arrays(x), y, sample_weight))
+    return keras.utils.unpack_x_y_sample_weight(batch)
+
+
+def bilevel_batch(model, x, y, sample_weight, upper_data):
+    """`train_on_batch`'s data for the bi-level step, as `fit` gives it.
+
+    Args:
+        model: the `BiDoRAModel`.
+        x, y, sample_weight: the lower batch.
+        upper_data: `(x, y)` or `(x, y, sample_weight)` (a causal LM's: its
+            `x` alone), or None for a lower step alone.
+
+    Returns:
+        `(lower_batch, upper_batch, due)`, raw inputs preprocessed, `due`
+        one flag per lower sample. Without `upper_data`, the flags are
+        False and the upper batch is the lower one, which the step leaves
+        unread.
+    """
+    lower = one_batch(model, x, y, sample_weight)
+    upper = lower
+    if upper_data is not None:
+        upper = _upper_batch(model, x, y, upper_data)
+    lower, upper = (pack_batch(*batch) for batch in (lower, upper))
+    size = len(keras.tree.flatten(lower[0])[0])
+    return lower, upper, np.full((size,), upper_data is not None)
+
+
+def _upper_batch(model, x, y, upper_data):
+    """`upper_data` as `(x, y, sample_weight)`, matching `x, y` in kind."""
+    upper_data = _packed_upper_data(model.model, upper_data)
+    if not isinstance(upper_data, (tuple, list)) or len(upper_data) not in (
+        1,
+        2,
+        3,
+    ):
+        raise ValueError(
+            "upper_data must be one batch: a tuple (x, y) or (x, y, "
+            "sample_weight) (a causal LM's: its x alone). Received: "
+            f"upper_data of type {type(upper_data).__name__}"
+        )
+    upper_data = tuple(upper_data)
+    _check(model.model, x, y, upper_data)
+    return one_batch(
+        model,
+        *keras.utils.unpack_x_y_sample_weight(upper_data),
+        what="upper_data",
+    )
 
 
 def validation_batches(model, validation_data, batch_size):

@@ -1,6 +1,7 @@
 """BiDoRAModel: a saveable wrapper whose train step alternates two levels."""
 
 import math
+import types
 
 import keras
 import numpy as np
@@ -47,6 +48,17 @@ class _NonFiniteLossGuard(keras.callbacks.Callback):
                     "are those of the last step with a finite loss. Lower "
                     "the learning rate(s) or check the data."
                 )
+
+
+class _OnTrainBegin(keras.callbacks.Callback):
+    """Calls `fn()` as training begins, after `fit` has read its data."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def on_train_begin(self, logs=None):
+        self.fn()
 
 
 class _EpochSetter(keras.callbacks.Callback):
@@ -272,7 +284,9 @@ class BiDoRAModel(keras.Model):
             optimizer: the lower level's optimizer (direction and head),
                 an instance or a name.
             upper_optimizer: the upper level's optimizer (magnitudes);
-                defaults to a copy of `optimizer`'s config.
+                defaults to a copy of `optimizer`'s config, named
+                `"upper_" + optimizer.name` (Keras's learning-rate
+                callbacks log each optimizer's rate by its name).
             sampler: for a generative task, the sampler `generate` uses
                 (a name such as `"greedy"` or a `keras_hub.samplers`
                 instance); None keeps the task's.
@@ -304,7 +318,11 @@ class BiDoRAModel(keras.Model):
         else:
             lower = keras.optimizers.get(optimizer)
             if upper_optimizer is None:
-                upper = lower.__class__.from_config(lower.get_config())
+                # A name of its own: callbacks such as ReduceLROnPlateau log
+                # each optimizer's rate as `learning_rate_<name>`.
+                upper = lower.__class__.from_config(
+                    {**lower.get_config(), "name": f"upper_{lower.name}"}
+                )
             else:
                 upper = keras.optimizers.get(upper_optimizer)
             if upper is lower:
@@ -403,7 +421,9 @@ class BiDoRAModel(keras.Model):
                 the model's `upper_batch_size`, then to `batch_size`.
 
         `validation_data` is for evaluation only; it never feeds the upper
-        level. An epoch is one pass over the lower split.
+        level. An epoch is one pass over the lower split. The bi-level phase
+        refuses a Python generator, which can be neither split nor read
+        again: pass a `PyDataset` or a `tf.data.Dataset` instead.
 
         Returns:
             A `keras.callbacks.History`.
@@ -425,6 +445,15 @@ class BiDoRAModel(keras.Model):
                 raise ValueError(
                     "validation_split cannot be combined with "
                     "validation_data or upper_data."
+                )
+            if bilevel_dataset.is_dataset(x) or isinstance(
+                x, types.GeneratorType
+            ):
+                raise ValueError(
+                    "validation_split holds out the last samples of arrays "
+                    "(as in keras.Model.fit); for a dataset or a generator, "
+                    "pass validation_data. Received: x of type "
+                    f"{type(x).__name__}"
                 )
             (x, y, sample_weight), validation_data = _split_tail(
                 (raw_inputs.as_arrays(x), y, sample_weight), validation_split
@@ -507,6 +536,98 @@ class BiDoRAModel(keras.Model):
             x, batch_size = prepared.data, None
         return super().predict(x, batch_size=batch_size, **kwargs)
 
+    def train_on_batch(
+        self,
+        x,
+        y=None,
+        sample_weight=None,
+        class_weight=None,
+        return_dict=False,
+        upper_data=None,
+    ):
+        """One training step on one batch, for one's own training loop.
+
+        Raw inputs go through the task's preprocessor, as a KerasHub task's
+        `train_on_batch` takes them. In the bi-level phase
+        (`method="bidora"`), the step is a lower step on `(x, y,
+        sample_weight)` and, when `upper_data` is given, an upper step on
+        it (whatever `upper_every`); without `upper_data`, the lower step
+        alone: the direction and the head train, the magnitudes stay fixed,
+        as in the retrain phase. With `method="dora"`, the step of
+        `keras.Model.train_on_batch`, both parts on `(x, y)`.
+
+        Args:
+            x, y, sample_weight, class_weight, return_dict: as
+                `keras.Model.train_on_batch` (no `class_weight` in the
+                bi-level phase).
+            upper_data: a batch of the upper split, `(x, y)` or `(x, y,
+                sample_weight)` (a causal LM's: its `x` alone), for
+                `method="bidora"`.
+
+        Returns:
+            The step's loss and metrics, as `keras.Model.train_on_batch`;
+            `upper_loss` among them when an upper step ran.
+
+        Example:
+
+        >>> import keras, numpy as np
+        >>> import keras_bidora
+        >>> inputs = keras.Input((4,))
+        >>> hidden = keras.layers.Dense(8, name="hidden")(inputs)
+        >>> outputs = keras.layers.Dense(2, name="head")(hidden)
+        >>> base = keras.Model(inputs, outputs)
+        >>> model = keras_bidora.BiDoRAModel(base, rank=2, targets=["hidden"])
+        >>> model.compile(optimizer="adam", loss="mse")
+        >>> x, y = np.ones((8, 4)), np.zeros((8, 2))
+        >>> logs = model.train_on_batch(
+        ...     x, y, upper_data=(x[:4], y[:4]), return_dict=True
+        ... )
+        >>> sorted(logs)
+        ['loss', 'upper_loss']
+        """
+        if self._phase != "bilevel":
+            if upper_data is not None:
+                raise ValueError(
+                    "upper_data is for the bi-level phase of "
+                    "method='bidora'; this model trains as "
+                    f"method={self.method!r} (phase {self._phase!r}). "
+                    "Received: upper_data of type "
+                    f"{type(upper_data).__name__}"
+                )
+            self._build_optimizer()
+            x, y, sample_weight = inputs.one_batch(self, x, y, sample_weight)
+            return super().train_on_batch(
+                x,
+                y,
+                sample_weight=sample_weight,
+                class_weight=class_weight,
+                return_dict=return_dict,
+            )
+        _check_bilevel_fit(class_weight, None, x)
+        lower, upper, due = inputs.bilevel_batch(
+            self, x, y, sample_weight, upper_data
+        )
+        self._build_for_training(lower)
+        # Keras passes (x, y, sample_weight) to the step as fit's elements.
+        logs = super().train_on_batch(lower, upper, due, return_dict=True)
+        if upper_data is None:
+            logs.pop("upper_loss", None)
+        return logs if return_dict else self._flatten_metrics_in_order(logs)
+
+    def test_on_batch(self, x, y=None, sample_weight=None, return_dict=False):
+        """`keras.Model.test_on_batch`; raw inputs go through the
+        preprocessor."""
+        x, y, sample_weight = inputs.one_batch(self, x, y, sample_weight)
+        return super().test_on_batch(
+            x, y, sample_weight=sample_weight, return_dict=return_dict
+        )
+
+    def predict_on_batch(self, x):
+        """`keras.Model.predict_on_batch`; raw inputs go through the
+        preprocessor."""
+        x, _, _ = inputs.one_batch(self, x)
+        return super().predict_on_batch(x)
+
     # The task's own methods ----------------------------------------------
 
     def __dir__(self):
@@ -587,33 +708,38 @@ class BiDoRAModel(keras.Model):
         """
         if self.optimizer is None:
             raise ValueError("Call compile() before retrain().")
+        callbacks = list(fit_kwargs.pop("callbacks", None) or [])
         if reinitialize_direction:
-            for layer in self.adapted_layers:
-                layer.lora_a.assign(
-                    layer.lora_a_initializer(
-                        layer.lora_a.shape, layer.lora_a.dtype
-                    )
-                )
-                layer.lora_b.assign(
-                    ops.zeros(layer.lora_b.shape, layer.lora_b.dtype)
-                )
-            lower = self.lower_optimizer
-            if lower.built:
-                keep = {id(lower.iterations)}
-                rate = _keras_compat.learning_rate_variable(lower)
-                if rate is not None:
-                    keep.add(id(rate))
-                for variable in lower.variables:
-                    if id(variable) not in keep:
-                        variable.assign(
-                            ops.zeros(variable.shape, variable.dtype)
-                        )
+            # Once fit has taken its arguments and data, so that a call it
+            # refuses leaves the trained direction as it was.
+            callbacks.insert(0, _OnTrainBegin(self._reinitialize_direction))
         previous = self._phase
         self._set_phase("retrain")
         try:
-            return self.fit(x, y, epochs=epochs, **fit_kwargs)
+            return self.fit(
+                x, y, epochs=epochs, callbacks=callbacks, **fit_kwargs
+            )
         finally:
             self._set_phase(previous)
+
+    def _reinitialize_direction(self):
+        """Fresh `lora_a`, zero `lora_b`, the lower optimizer's state reset."""
+        for layer in self.adapted_layers:
+            layer.lora_a.assign(
+                layer.lora_a_initializer(layer.lora_a.shape, layer.lora_a.dtype)
+            )
+            layer.lora_b.assign(
+                ops.zeros(layer.lora_b.shape, layer.lora_b.dtype)
+            )
+        lower = self.lower_optimizer
+        if lower.built:
+            keep = {id(lower.iterations)}
+            rate = _keras_compat.learning_rate_variable(lower)
+            if rate is not None:
+                keep.add(id(rate))
+            for variable in lower.variables:
+                if id(variable) not in keep:
+                    variable.assign(ops.zeros(variable.shape, variable.dtype))
 
     def _set_phase(self, phase):
         if phase != self._phase:
@@ -803,6 +929,15 @@ def _check_bilevel_fit(class_weight, steps_per_epoch, x):
             "class_weight is not supported by the bi-level phase; pass "
             "sample_weight instead. Received: class_weight="
             f"{class_weight}"
+        )
+    if isinstance(x, types.GeneratorType):
+        raise ValueError(
+            "The bi-level phase splits its data and reads the upper split "
+            "again within each epoch, and each epoch from the start, which "
+            "a Python generator cannot do. Pass a keras.utils.PyDataset "
+            "(split by batches), a tf.data.Dataset (e.g. "
+            "tf.data.Dataset.from_generator; split as it is read) or "
+            "arrays. Received: x of type generator"
         )
     if steps_per_epoch is not None and not raw_inputs.is_tf_dataset(x):
         raise ValueError(
