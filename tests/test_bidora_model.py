@@ -793,6 +793,55 @@ class BiDoRAModelTest(TestCase):
         results = model.evaluate(x, y, verbose=0, return_dict=True)
         self.assertEqual(set(results), {"loss", "mae"})
 
+    def test_class_weight_weighs_both_levels(self):
+        # The reference: the same training with the per-sample weights
+        # written out in NumPy, at both levels (the held-out split of x,
+        # or upper_data).
+        x, _ = make_data(20)
+        labels = (x[:, 0] > 0).astype("int32")
+        class_weight = {0: 0.25, 1: 3.0}
+        weights = np.where(labels == 1, 3.0, 0.25).astype("float32")
+        x_up, labels_up, weights_up = x[:6] * 2, labels[:6], weights[:6]
+        runs = {
+            "fit": lambda model, **kw: model.fit(
+                x, labels, batch_size=4, epochs=2, verbose=0, **kw
+            ),
+            "fit_upper_data": lambda model, **kw: model.fit(
+                x, labels, batch_size=4, verbose=0, **kw
+            ),
+            "train_on_batch": lambda model, **kw: model.train_on_batch(
+                x[:8], labels[:8], **kw
+            ),
+        }
+        for name, run in runs.items():
+            with self.subTest(name):
+                upper = name != "fit"
+                trained = []
+                for weighted in (True, False):
+                    model = BiDoRAModel(build_base(), seed=0)
+                    model.compile(
+                        optimizer=keras.optimizers.SGD(0.2),
+                        loss=keras.losses.SparseCategoricalCrossentropy(
+                            from_logits=True
+                        ),
+                    )
+                    if weighted:
+                        kwargs = {"class_weight": class_weight}
+                        if upper:
+                            kwargs["upper_data"] = (x_up, labels_up)
+                    else:
+                        kwargs = {"sample_weight": weights}
+                        if name == "train_on_batch":
+                            kwargs["sample_weight"] = weights[:8]
+                        if upper:
+                            kwargs["upper_data"] = (x_up, labels_up, weights_up)
+                    run(model, **kwargs)
+                    trained.append(snapshot(model))
+                for path, value in trained[1].items():
+                    self.assertAllClose(
+                        trained[0][path], value, atol=1e-6, msg=path
+                    )
+
     def test_learning_rate_callbacks_reach_both_levels(self):
         # Keras's callbacks treat the MultiOptimizer's sub-optimizers one by
         # one, logging each rate under its optimizer's name: the upper
@@ -954,8 +1003,10 @@ class BiDoRAModelTest(TestCase):
         model = self.compiled()
         x, y = make_data(10)
         start = snapshot(model)
-        with self.assertRaisesRegex(ValueError, "class_weight"):
-            model.fit(x, y, class_weight={0: 1.0}, verbose=0)
+        with self.assertRaisesRegex(ValueError, "cannot both be given"):
+            model.fit(x, y, sample_weight=y[:, 0], class_weight={0: 1.0})
+        with self.assertRaisesRegex(ValueError, "x of type ArrayPyDataset"):
+            model.fit(ArrayPyDataset(x, y, 2), class_weight={0: 1.0})
         with self.assertRaisesRegex(ValueError, "steps_per_epoch"):
             model.fit(x, y, steps_per_epoch=2, verbose=0)
         batches = ((x[i : i + 2], y[i : i + 2]) for i in range(0, 10, 2))
@@ -965,8 +1016,10 @@ class BiDoRAModelTest(TestCase):
         for phase in (model.fit, model.retrain):
             with self.assertRaisesRegex(ValueError, "x of type ArrayPy"):
                 phase(dataset, validation_split=0.2, verbose=0)
-        with self.assertRaisesRegex(ValueError, "class_weight"):
-            model.train_on_batch(x, y, class_weight={0: 1.0})
+        with self.assertRaisesRegex(ValueError, "cannot both be given"):
+            model.train_on_batch(
+                x, y, upper_data=(x, y, y[:, 0]), class_weight={0: 1.0}
+            )
         with self.assertRaisesRegex(ValueError, "upper_data of type ndarray"):
             model.train_on_batch(x, y, upper_data=x)
         with self.assertRaisesRegex(ValueError, "same kind of features"):

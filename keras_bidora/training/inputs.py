@@ -18,6 +18,7 @@ from keras_bidora.training.bilevel_dataset import BatchSource
 from keras_bidora.training.bilevel_dataset import BiLevelDataset
 from keras_bidora.training.bilevel_dataset import check_no_labels
 from keras_bidora.training.bilevel_dataset import first_batch_size
+from keras_bidora.training.bilevel_dataset import is_dataset
 from keras_bidora.training.bilevel_dataset import pack_batch
 from keras_bidora.training.bilevel_dataset import split_sources
 from keras_bidora.training.bilevel_dataset import stream
@@ -220,6 +221,55 @@ def _upper_batch(model, x, y, upper_data):
         *keras.utils.unpack_x_y_sample_weight(upper_data),
         what="upper_data",
     )
+
+
+def class_weighted(x, y, sample_weight, upper_data, class_weight):
+    """`(sample_weight, upper_data)` with `class_weight` as sample weights.
+
+    As `keras.Model.fit` reads `class_weight`: each sample weighs its
+    class's weight (1 for a class not listed; one-hot labels by their
+    largest entry). In the bi-level phase both levels' samples are
+    weighted, the labels of `x` and of an `upper_data` given as arrays.
+
+    Raises:
+        ValueError: for a dataset or no labels, which have no label arrays
+            to read, and for `class_weight` with sample weights.
+    """
+    upper = upper_data
+    if (
+        is_dataset(x)
+        or y is None
+        or (upper is not None and not isinstance(upper, (tuple, list)))
+    ):
+        raise ValueError(
+            "class_weight in the bi-level phase weighs labels given as "
+            "arrays (x, y and upper_data); give a dataset's elements sample "
+            f"weights instead. Received: x of type {type(x).__name__}, y "
+            f"of type {type(y).__name__}, upper_data of type "
+            f"{type(upper_data).__name__}"
+        )
+    sample_weight = _class_sample_weights(y, sample_weight, class_weight)
+    if upper is not None:
+        x_up, y_up, w_up = keras.utils.unpack_x_y_sample_weight(tuple(upper))
+        upper = (x_up, y_up, _class_sample_weights(y_up, w_up, class_weight))
+    return sample_weight, upper
+
+
+def _class_sample_weights(y, sample_weight, class_weight):
+    if sample_weight is not None:
+        raise ValueError(
+            "sample_weight and class_weight cannot both be given, as in "
+            f"keras.Model.fit. Received: class_weight={class_weight}"
+        )
+    if y is None:
+        raise ValueError("class_weight needs labels: upper_data has none.")
+    labels = keras.ops.convert_to_numpy(y)
+    if labels.ndim > 1:
+        one_hot = labels.shape[-1] != 1
+        labels = labels.argmax(-1) if one_hot else labels[..., 0]
+    labels = np.round(labels).astype("int64")
+    weights = [class_weight.get(int(label), 1.0) for label in labels]
+    return np.asarray(weights, keras.config.floatx())
 
 
 def validation_batches(model, validation_data, batch_size):

@@ -420,10 +420,12 @@ class BiDoRAModel(keras.Model):
                 integer or `"proportional"`, as the model's); defaults to
                 the model's `upper_batch_size`, then to `batch_size`.
 
-        `validation_data` is for evaluation only; it never feeds the upper
-        level. An epoch is one pass over the lower split. The bi-level phase
-        refuses a Python generator, which can be neither split nor read
-        again: pass a `PyDataset` or a `tf.data.Dataset` instead.
+        `class_weight` weighs the samples of both levels (labels given as
+        arrays, `upper_data`'s too); `validation_data` is for evaluation
+        only, and it never feeds the upper level. An epoch is one pass over
+        the lower split. The bi-level phase refuses a Python generator,
+        which can be neither split nor read again: pass a `PyDataset` or a
+        `tf.data.Dataset` instead.
 
         Returns:
             A `keras.callbacks.History`.
@@ -488,7 +490,11 @@ class BiDoRAModel(keras.Model):
                 steps_per_epoch=steps_per_epoch,
                 **kwargs,
             )
-        _check_bilevel_fit(class_weight, steps_per_epoch, x)
+        _check_bilevel_fit(steps_per_epoch, x)
+        if class_weight is not None:
+            sample_weight, upper_data = inputs.class_weighted(
+                x, y, sample_weight, upper_data, class_weight
+            )
         prepared = inputs.bilevel_data(
             self,
             x,
@@ -558,8 +564,8 @@ class BiDoRAModel(keras.Model):
 
         Args:
             x, y, sample_weight, class_weight, return_dict: as
-                `keras.Model.train_on_batch` (no `class_weight` in the
-                bi-level phase).
+                `keras.Model.train_on_batch` (`class_weight` weighs the
+                upper batch too, as in `fit`).
             upper_data: a batch of the upper split, `(x, y)` or `(x, y,
                 sample_weight)` (a causal LM's: its `x` alone), for
                 `method="bidora"`.
@@ -603,7 +609,10 @@ class BiDoRAModel(keras.Model):
                 class_weight=class_weight,
                 return_dict=return_dict,
             )
-        _check_bilevel_fit(class_weight, None, x)
+        if class_weight is not None:
+            sample_weight, upper_data = inputs.class_weighted(
+                x, y, sample_weight, upper_data, class_weight
+            )
         lower, upper, due = inputs.bilevel_batch(
             self, x, y, sample_weight, upper_data
         )
@@ -923,13 +932,7 @@ def _is_frozen(layer):
     return not layer.trainable
 
 
-def _check_bilevel_fit(class_weight, steps_per_epoch, x):
-    if class_weight is not None:
-        raise ValueError(
-            "class_weight is not supported by the bi-level phase; pass "
-            "sample_weight instead. Received: class_weight="
-            f"{class_weight}"
-        )
+def _check_bilevel_fit(steps_per_epoch, x):
     if isinstance(x, types.GeneratorType):
         raise ValueError(
             "The bi-level phase splits its data and reads the upper split "
