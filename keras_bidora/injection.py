@@ -347,6 +347,13 @@ def is_injected(model):
 
 def _injection_state(model):
     state = getattr(injected_model(model), _STATE_ATTRIBUTE, None)
+    if state is None and adapted_layers(getattr(model, "model", model)):
+        raise ValueError(
+            "The model's BiDoRADense layers were built by hand, not by "
+            "keras_bidora.inject, so it has no pre-injection config to "
+            "merge or rebuild from: adapt it with inject for that. "
+            f"Received: model={getattr(model, 'name', model)!r}"
+        )
     if state is None:
         raise ValueError(
             "The model has no BiDoRA adapters: call keras_bidora.inject "

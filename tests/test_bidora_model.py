@@ -624,6 +624,44 @@ class BiDoRAModelTest(TestCase):
         self.assertChanged(before, after, DIRECTION + HEAD)
         self.assertUnchanged(before, after, MAGNITUDE + FROZEN)
 
+    def test_reinitialized_retrain_trains_like_a_new_optimizer(self):
+        # After a bi-level phase has advanced Adam (with moving averages of
+        # the weights), a retrain that re-initialises the direction must
+        # train as Keras's fit does with a new optimizer of the same config
+        # from the re-initialised weights, the magnitudes frozen.
+        x, y = make_data(24)
+
+        def adam():
+            return keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.5)
+
+        model = self.compiled(optimizer=adam(), direction_regularization=0)
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0)
+        self.assertEqual(int(to_numpy(model.lower_optimizer.iterations)), 10)
+        start = {}
+        snap = keras.callbacks.LambdaCallback(
+            on_train_begin=lambda logs: start.update(snapshot(model))
+        )
+        model.retrain(
+            x, y, epochs=2, batch_size=4, shuffle=False, callbacks=[snap]
+        )
+        trained = snapshot(model)
+
+        reference = build_base()
+        for variable in reference.weights:
+            variable.assign(start[variable.path])
+            if variable.path.endswith(MAGNITUDE):
+                variable.trainable = False
+        reference.compile(optimizer=adam(), loss="mse")
+        reference.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        self.assertChanged(start, trained, DIRECTION + HEAD)
+        for variable in reference.weights:
+            self.assertAllClose(
+                trained[variable.path],
+                to_numpy(variable),
+                atol=1e-5,
+                msg=variable.path,
+            )
+
     # The same run on every backend ----------------------------------------
 
     @pytest.mark.large
@@ -744,6 +782,33 @@ class BiDoRAModelTest(TestCase):
             self.assertEqual(getattr(restored, name), getattr(model, name))
         self.assertEqual(
             [v.path for v in restored.weights], [v.path for v in model.weights]
+        )
+
+    def test_adapters_built_by_hand_save_and_resume(self):
+        # No inject record: the functional model with its BiDoRADense
+        # layers is serialized as it is, and loads without injecting.
+        x, y = make_data(30)
+        fit_kwargs = dict(batch_size=4, shuffle=True, verbose=0)
+        model = self.compiled(
+            optimizer=keras.optimizers.Adam(0.02), upper_every=2, seed=3
+        )
+        model.fit(x, y, **fit_kwargs)
+        path = os.path.join(self.get_temp_dir(), "by_hand.keras")
+        model.save(path)
+        restored = keras.saving.load_model(path)
+        self.assertIsInstance(restored, BiDoRAModel)
+        self.assertEqual((restored.upper_every, restored.seed), (2, 3))
+        self.assertEqual(snapshot(restored).keys(), snapshot(model).keys())
+        for path_, value in snapshot(model).items():
+            self.assertAllClose(snapshot(restored)[path_], value, atol=0)
+        # Both continue alike: same split, same optimizer states.
+        model.fit(x, y, initial_epoch=1, epochs=2, **fit_kwargs)
+        restored.fit(x, y, initial_epoch=1, epochs=2, **fit_kwargs)
+        for path_, value in snapshot(model).items():
+            self.assertAllClose(snapshot(restored)[path_], value, atol=1e-6)
+        clone = keras.models.clone_model(model)
+        self.assertEqual(
+            [v.path for v in clone.weights], [v.path for v in model.weights]
         )
 
     # Data and callbacks --------------------------------------------------
@@ -907,6 +972,43 @@ class BiDoRAModelTest(TestCase):
         restored = keras.saving.load_model(path.format(epoch=2))
         self.assertIsInstance(restored, BiDoRAModel)
         self.assertAllClose(restored.predict(x, verbose=0), model(x), atol=1e-6)
+
+    def test_export_serves_what_the_model_computes(self):
+        # Injected adapters are exported merged into plain layers; adapters
+        # built by hand, as they are. Either way the artifact, loaded by
+        # TensorFlow or torch alone, computes the adapted forward pass.
+        x, y = make_data(20)
+        for name, model, merged in (
+            ("injected", self.injected_model(), True),
+            ("built_by_hand", self.compiled(), False),
+        ):
+            model.fit(x, y, batch_size=4, verbose=0)
+            path = os.path.join(self.get_temp_dir(), name)
+            if keras.config.backend() == "torch":
+                import torch
+
+                spec = keras.InputSpec(shape=x.shape, dtype="float32")
+                model.export(
+                    path + ".pt2",
+                    format="torch",
+                    input_signature=[spec],
+                    verbose=False,
+                )
+                program = torch.export.load(path + ".pt2")
+                names = list(program.state_dict)
+                outputs = program.module()(torch.from_numpy(x))
+            else:
+                import tensorflow as tf
+
+                model.export(path, verbose=False)
+                loaded = tf.saved_model.load(path)
+                names = [variable.name for variable in loaded.variables]
+                outputs = loaded.serve(tf.constant(x))
+            self.assertAllClose(
+                to_numpy(outputs), to_numpy(model(x)), atol=1e-5, msg=name
+            )
+            holds_adapters = any("lora_a" in str(n) for n in names)
+            self.assertEqual(holds_adapters, not merged, msg=f"{name}: {names}")
 
     def test_fit_tf_data(self):
         import tensorflow as tf

@@ -274,7 +274,8 @@ class ClassifierFlowTest(TestCase):
             for name in tokens
         }
         directory = os.path.join(self.get_temp_dir(), "served")
-        merge(self.model).export(
+        # BiDoRAModel.export exports merge(model).
+        self.model.export(
             directory,
             format="tf_saved_model",
             input_signature=[signature],

@@ -13,6 +13,7 @@ from keras_bidora import saving
 from keras_bidora.injection import injected_model
 from keras_bidora.layers.bidora_dense import BiDoRADense
 from keras_bidora.layers.bidora_dense import adapted_layers
+from tests.test_bidora_model import build_base
 from tests.test_case import TestCase
 from tests.test_case import to_numpy
 from tests.test_injection import backbone_inputs
@@ -294,6 +295,11 @@ class MergeTest(TestCase):
     def test_merge_without_adapters(self):
         with self.assertRaisesRegex(ValueError, "no BiDoRA adapters"):
             keras_bidora.merge(functional_model())
+
+    def test_merge_of_adapters_built_by_hand(self):
+        # No pre-injection config to rebuild the plain model from.
+        with self.assertRaisesRegex(ValueError, "built by hand.*Received"):
+            keras_bidora.merge(build_base())
 
 
 class BiDoRAModelSavingTest(TestCase):

@@ -11,9 +11,15 @@ from keras_bidora import _keras_compat
 from keras_bidora import config
 from keras_bidora.checks import check_count
 from keras_bidora.distribution import distribute_adapters
+from keras_bidora.injection import inject
+from keras_bidora.injection import injection_config
+from keras_bidora.injection import is_injected
+from keras_bidora.injection import quantize_layers
+from keras_bidora.injection import quantized_layers
 from keras_bidora.layers.bidora_dense import adapted_layers
 from keras_bidora.layers.bidora_dense import check_quantization_mode
 from keras_bidora.layers.bidora_dense import shared_column_scales
+from keras_bidora.saving import merge
 from keras_bidora.training import backend as backend_lib
 from keras_bidora.training import bilevel_dataset
 from keras_bidora.training import hypergradients
@@ -194,8 +200,6 @@ class BiDoRAModel(keras.Model):
             method=method,
         )
         if not adapted_layers(model):
-            from keras_bidora.injection import inject
-
             inject(
                 model,
                 rank=rank,
@@ -268,6 +272,57 @@ class BiDoRAModel(keras.Model):
         if filters is None:
             filters = _is_frozen
         super().quantize(mode, config=config, filters=filters, **kwargs)
+
+    def export(
+        self,
+        filepath,
+        format="tf_saved_model",
+        verbose=None,
+        input_signature=None,
+        **kwargs,
+    ):
+        """Exports the model for inference, as `keras.Model.export`.
+
+        What is exported is `keras_bidora.merge(self)`: the wrapped model
+        with each adapter merged into its kernel, so the artifact computes
+        what `predict` computes with plain layers, and serving it needs
+        neither keras_bidora nor the column norms at every call. A model
+        whose adapters were built by hand rather than by
+        `keras_bidora.inject` cannot be merged, and the wrapped model is
+        exported as it is. As with KerasHub's tasks, the artifact takes
+        what the preprocessor returns (token ids), not raw text.
+
+        Args:
+            filepath: where to write the artifact.
+            format: a format of `keras.Model.export` (`"tf_saved_model"`,
+                `"onnx"`, `"torch"`, ...), as the backend supports it.
+            verbose: whether to print a message.
+            input_signature: the inputs' specs; inferred when None. On JAX,
+                KerasHub's position embeddings need a fixed sequence
+                length here.
+            **kwargs: passed to `keras.Model.export`.
+
+        Example:
+
+        >>> import os, tempfile
+        >>> import keras
+        >>> import keras_bidora
+        >>> inputs = keras.Input((8,))
+        >>> hidden = keras.layers.Dense(8, name="query")(inputs)
+        >>> base = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+        >>> model = keras_bidora.BiDoRAModel(base, rank=2, targets=["query"])
+        >>> torch = keras.config.backend() == "torch"
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.pt2" if torch else "m")
+        >>> model.export(path, "torch" if torch else "tf_saved_model")
+        """
+        served = merge(self) if is_injected(self) else self.model
+        return served.export(
+            filepath,
+            format=format,
+            verbose=verbose,
+            input_signature=input_signature,
+            **kwargs,
+        )
 
     # Compile -------------------------------------------------------------
 
@@ -709,7 +764,11 @@ class BiDoRAModel(keras.Model):
             epochs: number of epochs.
             reinitialize_direction: re-initialise each adapter's `lora_a`
                 (and set `lora_b` to zero) first, as the official code does;
-                the lower optimizer's state is reset with it.
+                the lower optimizer then starts afresh, as a new one would:
+                its slots (moments, moving averages, accumulated gradients)
+                are zeroed and its step count reset, so Adam's bias
+                correction and a learning-rate schedule start over. A
+                learning rate set by a callback stays.
             **fit_kwargs: passed to `keras.Model.fit`.
 
         Returns:
@@ -732,7 +791,12 @@ class BiDoRAModel(keras.Model):
             self._set_phase(previous)
 
     def _reinitialize_direction(self):
-        """Fresh `lora_a`, zero `lora_b`, the lower optimizer's state reset."""
+        """Fresh `lora_a`, zero `lora_b`, the lower optimizer started afresh.
+
+        Its step count goes back to zero with its slots: zeroed moments
+        at a late step would make Adam's bias-corrected steps several
+        times larger than a new optimizer's.
+        """
         for layer in self.adapted_layers:
             layer.lora_a.assign(
                 layer.lora_a_initializer(layer.lora_a.shape, layer.lora_a.dtype)
@@ -742,12 +806,9 @@ class BiDoRAModel(keras.Model):
             )
         lower = self.lower_optimizer
         if lower.built:
-            keep = {id(lower.iterations)}
             rate = _keras_compat.learning_rate_variable(lower)
-            if rate is not None:
-                keep.add(id(rate))
             for variable in lower.variables:
-                if id(variable) not in keep:
+                if variable is not rate:
                     variable.assign(ops.zeros(variable.shape, variable.dtype))
 
     def _set_phase(self, phase):
@@ -865,16 +926,21 @@ class BiDoRAModel(keras.Model):
     # Serialization -------------------------------------------------------
 
     def get_config(self):
-        from keras_bidora.injection import injection_config
-        from keras_bidora.injection import quantized_layers
-
+        if is_injected(self.model):
+            model = injection_config(self.model)
+            # Layers quantized after the injection are not quantized in the
+            # model's config.
+            quantization = quantized_layers(self.model)
+        else:
+            # BiDoRADense layers built by hand serialize with the model
+            # (quantized ones too), and there is nothing to inject.
+            model = {"model": keras.saving.serialize_keras_object(self.model)}
+            quantization = {}
         return {
             "name": self.name,
             "trainable": self.trainable,
-            "model": injection_config(self.model),
-            # Layers quantized after the injection are not quantized in the
-            # model's config.
-            "quantization": quantized_layers(self.model),
+            "model": model,
+            "quantization": quantization,
             "upper_fraction": self.upper_fraction,
             "hypergradient": self.hypergradient,
             "upper_every": self.upper_every,
@@ -887,9 +953,6 @@ class BiDoRAModel(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        from keras_bidora.injection import inject
-        from keras_bidora.injection import quantize_layers
-
         config = dict(config)
         injection = dict(config.pop("model"))
         quantization = config.pop("quantization", {})
@@ -901,7 +964,8 @@ class BiDoRAModel(keras.Model):
             injection.pop("model"), custom_objects=custom_objects
         )
         quantize_layers(model, quantization)
-        inject(model, **injection)
+        if not adapted_layers(model):
+            inject(model, **injection)
         return cls(model, **injection, **config)
 
 
