@@ -257,6 +257,24 @@ class ClassifierFlowTest(TestCase):
             served.predict(self.texts[:6], verbose=0), expected, atol=1e-5
         )
 
+    def test_save_to_preset_loads_as_the_plain_task(self):
+        self.model.fit(self.texts, self.labels, batch_size=8, verbose=0)
+        directory = os.path.join(self.get_temp_dir(), "preset")
+        self.model.save_to_preset(directory)
+        served = keras_hub.models.TextClassifier.from_preset(directory)
+        self.assertIsInstance(served, keras_hub.models.BertTextClassifier)
+        self.assertFalse([v.path for v in served.weights if "lora" in v.path])
+        # The reference: the task's own pipeline, adapted in place.
+        self.assertAllClose(
+            served.predict(self.texts[:6], verbose=0),
+            self.task.predict(self.texts[:6], verbose=0),
+            atol=1e-5,
+        )
+        with self.assertRaisesRegex(AttributeError, "Functional.*preset"):
+            inputs = keras.Input((4,))
+            plain = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+            BiDoRAModel(plain, targets=[".*"]).save_to_preset(directory)
+
     def test_merged_task_exports_for_serving(self):
         if keras.config.backend() not in ("tensorflow", "jax"):
             self.skipTest("tf_saved_model export needs tensorflow or jax")
@@ -478,6 +496,12 @@ class CausalLMFlowTest(TestCase):
         merged = merge(self.model)
         self.assertIsInstance(merged, keras_hub.models.GPT2CausalLM)
         self.assertEqual(merged.generate(prompt, **kwargs), generated)
+        directory = os.path.join(self.get_temp_dir(), "preset")
+        self.model.save_to_preset(directory)
+        served = keras_hub.models.CausalLM.from_preset(directory)
+        self.assertIsInstance(served, keras_hub.models.GPT2CausalLM)
+        served.compile(sampler="greedy")
+        self.assertEqual(served.generate(prompt, **kwargs), generated)
 
     def test_labels_for_a_causal_lm_are_refused(self):
         with self.assertRaisesRegex(ValueError, "takes its labels"):

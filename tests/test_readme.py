@@ -47,10 +47,13 @@ for code in json.load(sys.stdin):
 def run_examples(examples, folder):
     """Each example's traceback, None where it ran, and the process."""
     report = os.path.join(folder, "failures.json")
+    # This checkout's keras_bidora, whichever one pip installed.
+    path = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
     env = dict(
         os.environ,
         KERAS_BACKEND=keras.config.backend(),
         TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=path,
     )
     process = subprocess.run(
         [sys.executable, "-c", _DRIVER, report, folder],

@@ -739,6 +739,31 @@ class BiDoRAModel(keras.Model):
         """The wrapped task's `score` (e.g. a `CausalLM`'s token scores)."""
         return self._task_method("score")(*args, **kwargs)
 
+    def save_to_preset(self, preset_dir, max_shard_size=10):
+        """Saves the merged KerasHub model as a preset, like KerasHub's.
+
+        The preset holds `keras_bidora.merge(self)`: the wrapped task (or
+        backbone) with each adapter merged into its kernel, and the
+        preprocessor's assets, so that `from_preset(preset_dir)` (e.g.
+        `keras_hub.models.TextClassifier.from_preset`) loads a plain
+        KerasHub model computing what this one computes, with no
+        keras_bidora installed. To keep only the adapters, use
+        `keras_bidora.save_adapter_weights`; to go on training, `save`.
+
+        Args:
+            preset_dir: the preset's folder.
+            max_shard_size: the largest weights file, in GB (None: one
+                file), as KerasHub's `save_to_preset`.
+        """
+        if not callable(getattr(self.model, "save_to_preset", None)):
+            raise AttributeError(
+                f"The wrapped model {type(self.model).__name__} has no "
+                "`save_to_preset` method: presets are KerasHub's, saved from "
+                "a task or backbone. Save this model with `save`, or its "
+                "adapters with keras_bidora.save_adapter_weights."
+            )
+        merge(self).save_to_preset(preset_dir, max_shard_size=max_shard_size)
+
     def _task_method(self, name):
         method = getattr(self.model, name, None)
         if not callable(method):
